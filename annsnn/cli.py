@@ -1,0 +1,225 @@
+"""Command line: ``annsnn train | tune | simulate | reproduce``, a thin layer over the library.
+
+Bad input exits with code 2 and a one-line message; nothing already written is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+from .data import DATASETS
+from .models import MODELS
+from .pipeline import PROFILES, get_profile
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value:g}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive, got 0")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default="data", help="dataset folder (default: data)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="annsnn", description="Optimal ANN-SNN conversion: train, tune, simulate, reproduce.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="stage 1: train the RNL network's weights")
+    p.add_argument("--profile", choices=PROFILES, default="quick")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relu", action="store_true", help="train a plain ReLU network (for the baselines)")
+    p.add_argument("--out", help="output folder (default: runs/<profile>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _common(p)
+
+    p = sub.add_parser("tune", help="stage 2: train the shared threshold scale with the Rate Inference Loss")
+    p.add_argument("--checkpoint", required=True, help="a stage-1 checkpoint (stage1.pt)")
+    p.add_argument("--lam", type=_non_negative, nargs="+", help="one or more lambdas (weight of Omega)")
+    p.add_argument("--tol", type=_non_negative, help="accuracy guard in percentage points of validation accuracy")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--lr", type=_positive)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    _common(p)
+
+    p = sub.add_parser("simulate", help="convert a checkpoint to IF neurons and simulate it")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--T", type=_positive_int, default=128, help="number of time steps (default 128)")
+    p.add_argument("--v0", choices=("zero", "half"), default="zero", help="initial membrane: 0 or theta/2")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--chunk", type=_positive_int, default=16, help="time steps per layer call (1: step by step)")
+    p.add_argument("--out", help="curve JSON to write (default: <checkpoint>_T<T>_<v0>.json); never overwritten")
+    _common(p)
+
+    p = sub.add_parser("reproduce", help="stage 1, stage 2, baselines, simulation, plot and curves")
+    p.add_argument("--profile", choices=PROFILES, default="quick")
+    p.add_argument("--out", help="output folder (default: runs/<profile>)")
+    p.add_argument("--epochs", type=_positive_int, help="override the stage-1 epochs")
+    p.add_argument("--T", type=_positive_int, help="override the number of time steps")
+    p.add_argument("--limit", type=_positive_int, help="use only this many training and test images")
+    _common(p)
+    return parser
+
+
+def _dataset_for(payload: dict, args) -> "object":
+    from .data import load_dataset
+
+    info = payload["config"].get("dataset") or {}
+    if "name" not in info:
+        raise ValueError(f"checkpoint {args.checkpoint} does not record its dataset; it is not an annsnn checkpoint")
+    val_fraction = payload["config"].get("val_fraction", 0.1)
+    return load_dataset(info["name"], args.data_root, val_fraction=val_fraction, limit=info.get("limit"))
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_stage1
+    from .data import load_dataset
+    from .utils import device
+
+    out = Path(args.out or f"runs/{args.profile}") / ("relu" if args.relu else "")
+    if (out / "stage1.pt").exists():
+        if args.resume:
+            print(f"{out / 'stage1.pt'} is already complete")
+            return 0
+        raise ValueError(f"{out / 'stage1.pt'} already exists; choose another --out (nothing was changed)")
+    if (out / "stage1_last.pt").exists() and not args.resume:
+        raise ValueError(f"{out / 'stage1_last.pt'} holds an interrupted run; pass --resume to continue it "
+                         "or choose another --out")
+    prof = get_profile(args.profile, dataset=args.dataset, model=args.model,
+                       stage1={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
+    dev = device(args.device)
+    data = load_dataset(prof["dataset"], args.data_root, val_fraction=prof["val_fraction"])
+    _, metrics = run_stage1(data, prof, out, rnl=not args.relu, device=dev, progress=not args.quiet)
+    print(f"stage 1 done: best validation accuracy {metrics['best']['acc']:.2f}% at epoch "
+          f"{metrics['best']['epoch']}; saved {out / 'stage1.pt'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .train import Stage2Config, load_model, train_stage2
+    from .utils import device
+
+    dev = device(args.device)
+    model, payload = load_model(args.checkpoint, device=dev)
+    if payload.get("kind") != "stage1":
+        raise ValueError(f"{args.checkpoint} is a {payload.get('kind', 'unknown')} checkpoint; tune needs stage1.pt")
+    if not payload["config"].get("rnl", True):
+        raise ValueError(f"{args.checkpoint} is a plain ReLU network; stage 2 needs an RNL network")
+    data = _dataset_for(payload, args)
+    from .pipeline import check_compatible
+    check_compatible(payload, data, args.checkpoint)
+    prof = get_profile(payload["config"].get("profile", "quick"))
+    lams = args.lam or prof["lams"]
+    stage2 = {**prof["stage2"], **{k: v for k, v in (("tol", args.tol), ("epochs", args.epochs), ("lr", args.lr),
+                                                       ("batch_size", args.batch_size)) if v is not None}}
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    for lam in lams:
+        run = train_stage2(copy.deepcopy(model), data, Stage2Config(lam=lam, **stage2), out_dir=out,
+                           config=payload["config"], device=dev, progress=not args.quiet)
+        kept = run["kept"]
+        where = kept["path"] or "nothing passed the guard with a lower Omega; stage-1 network kept"
+        print(f"lambda={lam:g}: p={kept['p']:.4f}, validation accuracy {kept['val_acc']:.2f}% "
+              f"(stage 1: {run['base']['acc']:.2f}%), Omega {kept['omega']:.4f} -> {where}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .convert import convert
+    from .pipeline import check_compatible, environment
+    from .simulate import simulate
+    from .train import evaluate, load_model
+    from .utils import device, write_json
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
+        f"{Path(args.checkpoint).stem}_T{args.T}_{args.v0}.json")
+    if out.exists():
+        raise ValueError(f"{out} already exists; pass another --out (nothing was changed)")
+    dev = device(args.device)
+    model, payload = load_model(args.checkpoint, device=dev)
+    if not payload["config"].get("rnl", True):
+        raise ValueError(f"{args.checkpoint} is a plain ReLU network; convert it with threshold balancing "
+                         "(annsnn reproduce runs the baselines)")
+    data = _dataset_for(payload, args)
+    check_compatible(payload, data, args.checkpoint)
+    split = getattr(data, args.split)
+    result = simulate(convert(model, v0=args.v0), split, T=args.T, batch_size=args.batch_size, chunk=args.chunk,
+                      device=dev, progress=not args.quiet)
+    ann = evaluate(model, split, device=dev)["acc"]
+    write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "v0": args.v0, "ann_acc": ann,
+                     "environment": environment(), **result.to_dict()})
+    marks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if t <= args.T]
+    print(f"ANN {ann:.2f}%  " + "  ".join(f"T={t}: {result.at(t):.2f}%" for t in marks))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .pipeline import reproduce
+
+    out = Path(args.out or f"runs/{args.profile}")
+    prof_overrides = {"T": args.T, "limit": args.limit, "stage1": {"epochs": args.epochs}}
+    result = reproduce(args.profile, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
+                       **prof_overrides)
+    ann = result["ann_test_acc"]["rnl_stage2"]
+    T = result["settings"]["T"]
+    print(f"RNL network (after stage 2) test accuracy {ann:.2f}%")
+    for label, acc in result["curves"].items():
+        marks = [t for t in (8, 16, 32, 64, 128, 256) if t <= T]
+        print(f"{label:28s} " + "  ".join(f"T={t}: {acc[t - 1]:.2f}%" for t in marks))
+    print(f"wrote {out / 'curves.json'} and {out / 'curves.png'} in {result['timing_s']['total']:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "tune": cmd_tune, "simulate": cmd_simulate, "reproduce": cmd_reproduce}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"annsnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"annsnn {args.command}: interrupted; checkpoints are intact, rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

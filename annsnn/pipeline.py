@@ -1,0 +1,231 @@
+"""The whole method end to end, with two profiles: ``quick`` (digits, CPU) and ``full`` (CIFAR-10, GPU).
+
+:func:`reproduce` trains stage 1 (and a plain ReLU twin for the classic baselines), runs stage 2 for
+each lambda, converts, simulates, and writes ``curves.json`` and ``curves.png``. Every step reuses a
+finished checkpoint found in the output folder and resumes an interrupted one, so running it again
+continues where it stopped. The CLI (``annsnn reproduce``) and the book's chapters call it.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .baselines import activation_thresholds, convert_relu
+from .convert import convert
+from .data import Dataset, load_dataset
+from .simulate import simulate
+from .train import (Stage1Config, Stage2Config, evaluate, load_model, model_config, model_from_config,
+                    train_stage1, train_stage2)
+from .utils import load_checkpoint, save_checkpoint, write_json
+
+PROFILES: dict[str, dict] = {
+    "quick": {
+        "dataset": "digits", "model": "small_cnn", "val_fraction": 0.2,
+        "stage1": {"epochs": 30, "batch_size": 64, "lr": 0.05, "aug": {"pad": 1, "flip": False}},
+        "stage2": {"epochs": 4, "batch_size": 128, "lr": 0.5, "tol": 1.5},
+        "lams": [0.005, 0.01, 0.02, 0.05],
+        "T": 128, "sim_batch": 512, "chunk": 16, "robust_percentile": 99.9, "targets": [90.0, 95.0],
+    },
+    "full": {
+        "dataset": "cifar10", "model": "vgg16", "val_fraction": 0.1,
+        "stage1": {"epochs": 100, "batch_size": 256, "lr": 0.1, "aug": {"pad": 4, "flip": True},
+                   "amp": True, "channels_last": True},
+        "stage2": {"epochs": 2, "batch_size": 256, "lr": 0.5, "tol": 0.5},
+        "lams": [0.01, 0.02, 0.05],
+        "T": 256, "sim_batch": 500, "chunk": 16, "robust_percentile": 99.9, "targets": [90.0],
+    },
+}
+
+
+def get_profile(name: str, **overrides) -> dict:
+    """A copy of profile ``name`` with top-level keys (and ``stage1``/``stage2`` dicts) overridden."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    prof = copy.deepcopy(PROFILES[name])
+    prof["profile"] = name
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("stage1", "stage2"):
+            prof[key].update({k: v for k, v in value.items() if v is not None})
+        else:
+            prof[key] = value
+    return prof
+
+
+def default_profile() -> str:
+    """``quick`` on a CPU, ``full`` on a GPU; the environment variable ``ANNSNN_PROFILE`` overrides both."""
+    import os
+
+    name = os.environ.get("ANNSNN_PROFILE") or ("full" if torch.cuda.is_available() else "quick")
+    if name not in PROFILES:
+        raise ValueError(f"ANNSNN_PROFILE={name!r} is not a profile; choose one of {', '.join(PROFILES)}")
+    return name
+
+
+def prepare(profile: str = "quick", out_dir: str | Path | None = None, data_root: str | Path = "data", device=None,
+            relu: bool = True, stage2: bool = True, progress: bool = False, **overrides) -> dict:
+    """Data and trained networks for a profile: load the checkpoints in ``out_dir`` if present, else train.
+
+    Returns a dict with ``data``, ``profile`` (the settings), ``stage1`` (RNL network), and, if asked,
+    ``relu`` (plain ReLU twin) and ``stage2`` (network after the Rate Inference Loss), plus ``metrics``.
+    Chapters call this so that each can run alone and later ones reuse earlier training.
+    """
+    from .utils import device as pick_device
+
+    prof = get_profile(profile, **overrides)
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    out_dir = Path(out_dir or f"runs/{profile}")
+    data = load_dataset(prof["dataset"], data_root, val_fraction=prof["val_fraction"], limit=prof.get("limit"))
+    out = {"data": data, "profile": prof, "device": device, "out_dir": out_dir, "metrics": {}}
+    out["stage1"], out["metrics"]["stage1"] = run_stage1(data, prof, out_dir, device=device, progress=progress)
+    if relu:
+        out["relu"], out["metrics"]["relu"] = run_stage1(data, prof, out_dir / "relu", rnl=False, device=device,
+                                                         progress=progress)
+    if stage2:
+        out["stage2"], out["metrics"]["stage2"] = run_stage2(out["stage1"], data, prof, out_dir, device=device,
+                                                             progress=progress)
+    return out
+
+
+def check_compatible(payload: dict, data: Dataset, path: str | Path) -> None:
+    """Raise if a checkpoint was trained on data of another shape or number of classes."""
+    cfg = payload["config"]["model"]
+    want = data.model_kwargs()
+    fields = ("num_classes", "in_channels", "image_size")
+    if any(cfg.get(k) != want[k] for k in fields):
+        got = ", ".join(f"{k}={cfg.get(k)}" for k in fields)
+        raise ValueError(f"checkpoint {path} was trained on other data ({got}) than dataset "
+                         f"{data.name!r}; pass the --dataset it was trained on")
+
+
+def run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool = True, device=None, progress: bool = True):
+    """Train (or reuse, or resume) a stage-1 network in ``out_dir``; returns ``(model, metrics)``."""
+    done = out_dir / "stage1.pt"
+    if done.exists():
+        model, payload = load_model(done, device=device)
+        check_compatible(payload, data, done)
+        return model, payload["metrics"]
+    config = {"model": model_config(prof["model"], data), "rnl": rnl, "dataset": data.info,
+              "profile": prof["profile"], "val_fraction": prof["val_fraction"]}
+    torch.manual_seed(prof["stage1"].get("seed", 0))
+    model = model_from_config(config["model"], rnl=rnl).to(device)
+    cfg = Stage1Config(**prof["stage1"])
+    metrics = train_stage1(model, data, cfg, out_dir=out_dir, config=config, resume=True, device=device,
+                           progress=progress)
+    return model, metrics
+
+
+def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, progress: bool = True):
+    """Stage 2 for every lambda of the profile; keeps the network with the lowest validation Omega.
+
+    Every candidate already passed the accuracy guard, so the lowest Omega is the fastest network that
+    stays within the tolerance. The choice is saved as ``out_dir/stage2.pt``.
+    """
+    chosen_path = out_dir / "stage2.pt"
+    if chosen_path.exists():
+        tuned, payload = load_model(chosen_path, device=device)
+        return tuned, payload["metrics"]
+    runs, best = [], None
+    for lam in prof["lams"]:
+        tuned = copy.deepcopy(model)
+        run = train_stage2(tuned, data, Stage2Config(lam=lam, **prof["stage2"]), out_dir=out_dir,
+                           config=_config_of(out_dir), device=device, progress=progress)
+        runs.append({k: run[k] for k in ("lam", "base", "kept", "thresholds")})
+        if best is None or run["kept"]["omega"] < best[1]["kept"]["omega"]:
+            best = (tuned, run)
+    tuned, run = best
+    metrics = {"chosen_lam": run["lam"], "kept": run["kept"], "runs": runs}
+    save_checkpoint(chosen_path, {"kind": "stage2", "config": _config_of(out_dir), "model": tuned.state_dict(),
+                                  "metrics": metrics})
+    return tuned, metrics
+
+
+def _config_of(out_dir: Path) -> dict:
+    return load_checkpoint(out_dir / "stage1.pt")["config"]
+
+
+def environment() -> dict:
+    """Versions and hardware, recorded next to every result."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "device": "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    try:
+        import spikingjelly  # noqa: F401
+        from importlib.metadata import version
+        info["spikingjelly"] = version("spikingjelly")
+    except Exception:
+        pass
+    return info
+
+
+def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_root: str | Path = "data",
+              device=None, progress: bool = True, **overrides) -> dict:
+    """Run the whole method and write ``curves.json`` and ``curves.png`` to ``out_dir``.
+
+    Curves: the stage-1 RNL network, the stage-2 network with ``v(0)=0`` (the paper's setting) and
+    with ``v(0)=theta/2``, and max-norm and robust-norm conversions of a plain ReLU twin trained the
+    same way. Accuracies are on the test split; every choice was made on the validation split.
+    """
+    from .plots import plot_accuracy_curves
+    from .utils import device as pick_device
+
+    prof = get_profile(profile, **overrides)
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timing[name] = round(now - since, 2)
+        return now
+
+    t = time.perf_counter()
+    data = load_dataset(prof["dataset"], data_root, val_fraction=prof["val_fraction"], limit=prof.get("limit"))
+    t = lap("data", t)
+    model, m1 = run_stage1(data, prof, out_dir, rnl=True, device=device, progress=progress)
+    t = lap("stage1", t)
+    relu, _ = run_stage1(data, prof, out_dir / "relu", rnl=False, device=device, progress=progress)
+    t = lap("stage1_relu", t)
+    tuned, m2 = run_stage2(model, data, prof, out_dir, device=device, progress=progress)
+    t = lap("stage2", t)
+
+    sim = dict(T=prof["T"], batch_size=prof["sim_batch"], chunk=prof["chunk"], device=device, progress=progress)
+    ann_acc = {"rnl_stage1": evaluate(model, data.test, device=device)["acc"],
+               "rnl_stage2": evaluate(tuned, data.test, device=device)["acc"],
+               "relu": evaluate(relu, data.test, device=device)["acc"]}
+    curves = {
+        "RNL stage 1, v(0)=0": simulate(convert(model), data.test, **sim),
+        "RNL + RIL, v(0)=0": simulate(convert(tuned), data.test, **sim),
+        "RNL + RIL, v(0)=theta/2": simulate(convert(tuned, v0="half"), data.test, **sim),
+    }
+    t = lap("simulate_rnl", t)
+    train_sub = data.train.subset(prof.get("calib_images", 5000))
+    for label, pct in (("max-norm", 100.0), (f"robust-norm {prof['robust_percentile']:g}%", prof["robust_percentile"])):
+        v_th = activation_thresholds(relu, train_sub, percentile=pct, device=device)
+        curves[label] = simulate(convert_relu(relu, v_th), data.test, **sim)
+    lap("simulate_baselines", t)
+    timing["total"] = round(time.perf_counter() - t_start, 2)
+
+    result = {
+        "profile": profile, "settings": prof, "command": " ".join(sys.argv) if sys.argv else "",
+        "dataset": data.info, "environment": environment(), "timing_s": timing,
+        "ann_test_acc": ann_acc, "stage1": {"best": m1["best"], "thresholds": m1["thresholds"]},
+        "stage2": m2,
+        "curves": {label: r.acc for label, r in curves.items()},
+        "steps_to": {label: {f"{x:g}": r.steps_to(x) for x in prof["targets"]} for label, r in curves.items()},
+    }
+    write_json(out_dir / "curves.json", result)
+    refs = {f"RNL ANN {ann_acc['rnl_stage2']:.2f}%": ann_acc["rnl_stage2"]}
+    plot_accuracy_curves(result["curves"], out_dir / "curves.png", references=refs,
+                         title=f"{prof['model']} on {prof['dataset']} (test split)")
+    return result
+

@@ -1,0 +1,64 @@
+"""Figures used by the CLI and the book (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def plot_accuracy_curves(curves: Mapping[str, Sequence[float]], path: str | Path | None = None,
+                         references: Mapping[str, float] | None = None, ax=None, title: str | None = None,
+                         logx: bool = True):
+    """Accuracy (percent) against time step ``t = 1..T`` for each labelled curve.
+
+    ``references`` draws horizontal lines (for example the ANN accuracies). Saves a PNG when ``path``
+    is given; returns the axes.
+    """
+    import matplotlib
+
+    if ax is None and path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, acc in curves.items():
+        ax.plot(range(1, len(acc) + 1), acc, label=label)
+    for label, value in (references or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=0.8, color="gray")
+        ax.annotate(label, (1, value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    if path is not None and fig is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return ax
+
+
+def plot_fit_curves(fit: Mapping[str, Sequence[float]], omega: Mapping[str, float], ax=None, c: float = 1.0):
+    """Each layer's simulated ``K(t)`` (solid) against its envelope ``c * Omega / t`` (dashed), log-log."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (name, k) in enumerate(fit.items()):
+        t = range(1, len(k) + 1)
+        color = f"C{i % 10}"
+        ax.plot(t, k, color=color, label=f"layer {name}")
+        ax.plot(t, [c * omega[name] / s for s in t], color=color, linestyle="--", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("K(t)  (dashed: Omega / t)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax

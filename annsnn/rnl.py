@@ -1,0 +1,185 @@
+"""The Rate Norm Layer (RNL): a clipped, normalised ReLU with a trainable threshold.
+
+Derived in the chapter "The Rate Norm Layer" of the book.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def logit(p: float) -> float:
+    """Inverse of the sigmoid: the ``scale`` that gives threshold scale ``p``."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"threshold scale p must lie strictly between 0 and 1, got {p}")
+    return math.log(p / (1.0 - p))
+
+
+class RNL(nn.Module):
+    r"""Rate Norm Layer.
+
+    .. math::
+        \hat r = \mathrm{clip}\left(\frac{\mathrm{ReLU}(x)}{\theta}, 0, 1\right), \qquad
+        \theta = m \cdot \sigma(s) + \epsilon = m \cdot p + \epsilon
+
+    ``m`` (``running_max``) is an exponential moving average (``momentum``) of the batch maximum of
+    ``ReLU(x)``, updated in training mode unless ``locked``; the first batch sets it directly.
+    ``s`` (``scale``) is trainable; pass the same :class:`~torch.nn.Parameter` to several layers to
+    share one threshold scale, as the paper does (:func:`share_scale`).
+
+    The output lies in [0, 1] and is what the converted integrate-and-fire neuron's firing rate
+    approximates when its threshold is ``theta``.
+
+    In training mode the threshold uses the running maximum *after* it has absorbed the current batch,
+    so training and inference use the same rule and no host synchronisation is needed.
+    """
+
+    def __init__(self, scale: nn.Parameter | None = None, p: float = 0.95, momentum: float = 0.1,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.scale = scale if scale is not None else nn.Parameter(torch.tensor(logit(p)))
+        self.momentum = momentum
+        self.eps = eps
+        self.locked = False  # lock_max: freeze running_max (stage 2)
+        self.register_buffer("running_max", torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def p(self) -> torch.Tensor:
+        """Threshold scale ``p = sigmoid(scale)``."""
+        return torch.sigmoid(self.scale)
+
+    def threshold(self) -> torch.Tensor:
+        r"""``theta = running_max * sigmoid(scale) + eps`` (a 0-d tensor, differentiable in ``scale``)."""
+        return self.running_max * torch.sigmoid(self.scale) + self.eps
+
+    @torch.no_grad()
+    def _update_max(self, x: torch.Tensor) -> None:
+        batch_max = x.detach().amax().clamp_min(0).to(self.running_max.dtype)
+        ema = (1 - self.momentum) * self.running_max + self.momentum * batch_max
+        self.running_max.copy_(torch.where(self.initialized, ema, batch_max))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.locked:
+            self._update_max(x)
+        theta = self.threshold().to(x.dtype)
+        # clamp(x / theta, 0, 1) equals clamp(relu(x) / theta, 0, 1) because theta > 0.
+        return torch.clamp(x / theta, 0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, eps={self.eps}, locked={self.locked}"
+
+
+def rnl_layers(model: nn.Module) -> dict[str, RNL]:
+    """All RNLs of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RNL)}
+
+
+def thresholds(model: nn.Module) -> dict[str, float]:
+    """Each RNL's current threshold ``theta`` as a float (this synchronises with the device once)."""
+    layers = rnl_layers(model)
+    if not layers:
+        return {}
+    values = torch.stack([m.threshold().detach().float() for m in layers.values()]).cpu().tolist()
+    return dict(zip(layers, values))
+
+
+def share_scale(model: nn.Module, p: float | None = None) -> nn.Parameter:
+    """Make every RNL of ``model`` use one shared ``scale`` parameter and return it.
+
+    The shared parameter starts from the first RNL's value, or from ``p`` if given.
+    """
+    layers = list(rnl_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no RNL layers; call replace_relu(model) first")
+    init = logit(p) if p is not None else layers[0].scale.detach().clone()
+    shared = nn.Parameter(torch.as_tensor(init, dtype=torch.float32).clone().to(layers[0].running_max.device))
+    for m in layers:
+        m.scale = shared
+    return shared
+
+
+def lock_max(model: nn.Module, locked: bool = True) -> None:
+    """Freeze (or unfreeze) the running maxima of every RNL."""
+    for m in rnl_layers(model).values():
+        m.locked = locked
+
+
+def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The distinct ``scale`` parameters of the model's RNLs (one when shared)."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in rnl_layers(model).values():
+        seen.setdefault(id(m.scale), m.scale)
+    return list(seen.values())
+
+
+_FUNCTIONAL_RELUS = {F.relu, torch.relu, F.relu_, torch.relu_}
+_FUNCTIONAL_MAXPOOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d}
+_MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def check_convertible(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first module that would break conversion.
+
+    A ReLU applied functionally (``F.relu``, ``torch.relu``, ``x.relu()``) cannot be replaced by a
+    Rate Norm Layer, and max pooling of spikes is not the max of rates. Both are found by tracing the
+    model with ``torch.fx``; a model that cannot be traced only gets its MaxPool modules checked.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, _MAXPOOL_TYPES):
+            raise ValueError(f"module {name!r} is {type(m).__name__}: max pooling breaks conversion; "
+                             "use replace_relu(..., swap_maxpool=True) or build the model with AvgPool")
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # dynamic control flow: cannot look inside forward()
+        warnings.warn(f"could not trace the model to look for functional ReLUs ({type(e).__name__}); "
+                      "make sure every ReLU is an nn.ReLU module", stacklevel=2)
+        return
+    for node in graph.nodes:
+        functional_relu = (node.op == "call_function" and node.target in _FUNCTIONAL_RELUS) or (
+            node.op == "call_method" and node.target in ("relu", "relu_"))
+        functional_pool = node.op == "call_function" and node.target in _FUNCTIONAL_MAXPOOLS
+        if functional_relu or functional_pool:
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()))[0] if stack else "<top level>"
+            what = "a functional ReLU" if functional_relu else "a functional max pooling"
+            fix = ("make it an nn.ReLU module so it can become a Rate Norm Layer" if functional_relu
+                   else "use nn.AvgPool2d")
+            raise ValueError(f"module {owner!r} applies {what} in forward(); {fix}")
+
+
+def replace_relu(model: nn.Module, shared: bool = True, p: float = 0.95, swap_maxpool: bool = False,
+                 momentum: float = 0.1) -> nn.Module:
+    """Replace every ``nn.ReLU`` of ``model`` (in place) by an :class:`RNL` and return the model.
+
+    ``shared=True`` gives all RNLs one threshold scale (the paper's choice). With ``swap_maxpool=True``
+    each ``nn.MaxPool2d`` becomes an ``nn.AvgPool2d`` of the same geometry, with a warning that the
+    weights were trained for max pooling and the model must be retrained.
+    """
+    if swap_maxpool:
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.MaxPool2d):
+                    setattr(parent, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                             ceil_mode=child.ceil_mode))
+                    full = f"{parent_name}.{child_name}".lstrip(".")
+                    warnings.warn(f"replaced MaxPool2d {full!r} by AvgPool2d: retrain the model, "
+                                  "its weights were trained for max pooling", stacklevel=2)
+    check_convertible(model)
+    scale = nn.Parameter(torch.tensor(logit(p))) if shared else None
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, child_name, RNL(scale=scale, p=p, momentum=momentum))
+                replaced += 1
+    if replaced == 0:
+        raise ValueError("the model has no nn.ReLU modules to replace")
+    device = next(model.parameters()).device
+    return model.to(device)

@@ -1,0 +1,114 @@
+r"""Closed-form rates, the norm ratio Omega, the fit curve K(t) and its bounds.
+
+All functions are pure and work on tensors of any shape. The chapters "The firing-rate
+approximation" and "The optimal fit curve and the squeeze theorem" derive each of them.
+
+Lexicon: ``a`` or ``r_hat`` is the ANN activation after the RNL (in [0, 1]), ``rate`` the SNN
+firing rate after ``t`` steps, ``omega`` the norm ratio, ``fit`` the fit curve K(t).
+"""
+from __future__ import annotations
+
+import torch
+
+V0_CHOICES = ("zero", "half")
+
+
+def _v0_fraction(v0: str | float) -> float:
+    if isinstance(v0, str):
+        if v0 not in V0_CHOICES:
+            raise ValueError(f"v0 must be 'zero' or 'half' (or a fraction of the threshold), got {v0!r}")
+        return 0.0 if v0 == "zero" else 0.5
+    return float(v0)
+
+
+def if_rate_constant(a: torch.Tensor, t: int | torch.Tensor, v0: str | float = "zero") -> torch.Tensor:
+    r"""Firing rate after ``t`` steps of an IF neuron (reset by subtraction) with constant input.
+
+    The input per step is ``a * v_th``. With the membrane starting at ``v(0) = v0 * v_th``,
+    the spike count after ``t`` steps is :math:`\lfloor t a + v_0 \rfloor` clipped to ``[0, t]``, so
+
+    .. math::
+        r(t) = \frac{\min(\max(\lfloor t a \rfloor, 0), t)}{t} \quad (v(0)=0), \qquad
+        r(t) = \frac{\min(\max(\lfloor t a + \tfrac12 \rfloor, 0), t)}{t} \quad (v(0)=\theta/2).
+
+    ``t`` may be an int or a tensor broadcastable against ``a``.
+    """
+    frac = _v0_fraction(v0)
+    t = torch.as_tensor(t, dtype=a.dtype, device=a.device)
+    count = torch.floor(t * a + frac)
+    return torch.minimum(count.clamp_min(0), t) / t
+
+
+def simulate_if(x: torch.Tensor, v_th: float | torch.Tensor = 1.0, v0: str | float = "zero") -> torch.Tensor:
+    r"""Step-by-step IF neurons with reset by subtraction; ``x`` is the input current, shape ``[T, ...]``.
+
+    Returns the spikes, shape ``[T, ...]``. The update at each step is
+
+    .. math:: v \leftarrow v + x_t, \quad s_t = [v \ge v_{th}], \quad v \leftarrow v - s_t v_{th}.
+    """
+    v = torch.full_like(x[0], _v0_fraction(v0)) * v_th
+    spikes = []
+    for x_t in x:
+        v = v + x_t
+        s = (v >= v_th).to(x.dtype)
+        v = v - s * v_th
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def rates_over_time(spikes: torch.Tensor) -> torch.Tensor:
+    """Firing rate after each step ``t = 1..T`` from spikes of shape ``[T, ...]``."""
+    T = spikes.shape[0]
+    steps = torch.arange(1, T + 1, dtype=spikes.dtype, device=spikes.device)
+    return spikes.cumsum(0) / steps.view(-1, *([1] * (spikes.dim() - 1)))
+
+
+def omega(r_hat: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    r"""Norm ratio of a layer's rates, :math:`\Omega = \lVert \hat r \rVert_1 / \lVert \hat r \rVert_2^2`.
+
+    For ``r_hat`` in [0, 1], ``omega >= 1``, with equality when every non-zero rate equals 1.
+    ``dim`` selects the dimensions that make up one layer's vector (all of them by default);
+    pass ``dim=tuple(range(1, r_hat.dim()))`` for one value per sample.
+    """
+    dims = tuple(range(r_hat.dim())) if dim is None else dim
+    return r_hat.abs().sum(dims) / r_hat.pow(2).sum(dims)
+
+
+def fit_curve(rate: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    r"""The fit curve :math:`K(t) = \lVert r(t) - \hat r \rVert_2^2 / \lVert \hat r \rVert_2^2`.
+
+    ``rate`` has shape ``[T, *r_hat.shape]`` (one row per ``t``) or ``r_hat.shape``; the result has
+    one value per ``t``.
+    """
+    dims = tuple(range(rate.dim() - r_hat.dim(), rate.dim()))
+    return (rate - r_hat).pow(2).sum(dims) / r_hat.pow(2).sum()
+
+
+def fit_bound(omega_value: torch.Tensor | float, t: torch.Tensor | int, v0: str | float = "zero") -> torch.Tensor:
+    r"""Upper bound on :math:`K(t)` for a layer driven by constant input.
+
+    With :math:`v(0)=0` the error :math:`\hat r - r(t)` lies in :math:`[0, \min(\hat r, 1/t)]`, so
+    :math:`(\hat r - r)^2 \le \hat r / t` and :math:`K(t) \le \Omega / t`. With :math:`v(0)=\theta/2`
+    the error is at most :math:`\min(\hat r, 1/(2t))` in size, which gives :math:`K(t) \le \Omega/(2t)`.
+    """
+    frac = _v0_fraction(v0)
+    if frac not in (0.0, 0.5):
+        raise ValueError("fit_bound is derived for v0='zero' and v0='half' only")
+    c = 1.0 if frac == 0.0 else 0.5
+    return c * torch.as_tensor(omega_value, dtype=torch.float64) / torch.as_tensor(t, dtype=torch.float64)
+
+
+def two_sided_bound(rate: torch.Tensor, r_hat: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    r"""Bound on :math:`K(t)` when every rate error is below ``1/t`` in size but may have either sign.
+
+    From :math:`(r - \hat r)^2 \le |r - \hat r| / t \le (r + \hat r)/t`:
+
+    .. math:: K(t) \le \frac{\lVert r(t) \rVert_1 + \lVert \hat r \rVert_1}{t\,\lVert \hat r \rVert_2^2}
+              \xrightarrow{\;r(t) \to \hat r\;} \frac{2\,\Omega}{t}.
+
+    This is where a constant of 2 comes from. ``rate`` is ``[T, *r_hat.shape]`` with row ``i`` at
+    ``t = i + 1`` (or a single row with ``t`` given).
+    """
+    dims = tuple(range(rate.dim() - r_hat.dim(), rate.dim()))
+    t = torch.as_tensor(t, dtype=rate.dtype, device=rate.device)
+    return (rate.abs().sum(dims) + r_hat.abs().sum()) / (t * r_hat.pow(2).sum())

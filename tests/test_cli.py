@@ -1,0 +1,116 @@
+"""The command line: the quick reproduction, and a one-line error with exit code 2 for each bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from annsnn.cli import main
+
+
+def _fails(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``annsnn reproduce --profile quick`` once, shared by the tests below."""
+    out = tmp_path_factory.mktemp("quick")
+    result = subprocess.run([sys.executable, "-m", "annsnn", "reproduce", "--profile", "quick", "--out", str(out),
+                             "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_reproduce_quick_writes_plot_and_curve_and_converts_within_one_point(quick_run):
+    out, result = quick_run
+    assert (out / "curves.png").stat().st_size > 10_000
+    data = json.loads((out / "curves.json").read_text())
+    ann = data["ann_test_acc"]["rnl_stage2"]
+    snn = data["curves"]["RNL + RIL, v(0)=0"]
+    assert len(snn) == data["settings"]["T"] == 128
+    assert abs(snn[64 - 1] - ann) <= 1.0, (snn[63], ann)
+    assert data["dataset"]["name"] == "digits" and "torch" in data["environment"]
+    # the stage-2 network was chosen on validation data and passed the guard
+    kept = data["stage2"]["kept"]
+    assert kept["val_acc"] >= data["stage2"]["runs"][0]["base"]["acc"] - data["settings"]["stage2"]["tol"]
+    assert "RNL + RIL, v(0)=0" in result.stdout
+
+
+def test_reproduce_again_reuses_checkpoints(quick_run, capsys):
+    out, _ = quick_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    assert main(["reproduce", "--profile", "quick", "--out", str(out), "--quiet", "--T", "8"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")} == before
+    assert len(json.loads((out / "curves.json").read_text())["curves"]["max-norm"]) == 8
+
+
+def test_simulate_and_tune_from_checkpoints(quick_run, capsys, tmp_path):
+    out, _ = quick_run
+    curve = tmp_path / "curve.json"
+    assert main(["simulate", "--checkpoint", str(out / "stage2.pt"), "--T", "16", "--out", str(curve),
+                 "--quiet", "--v0", "half"]) == 0
+    data = json.loads(curve.read_text())
+    assert len(data["acc"]) == 16 and data["v0"] == "half"
+    _fails(capsys, ["simulate", "--checkpoint", str(out / "stage2.pt"), "--T", "16", "--out", str(curve)],
+           "already exists")
+    assert json.loads(curve.read_text()) == data  # untouched
+    assert main(["tune", "--checkpoint", str(out / "stage1.pt"), "--lam", "0.01", "--epochs", "1",
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    assert "lambda=0.01" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
+    out, _ = quick_run
+    ck = str(out / "stage1.pt")
+    _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "0"], "argument --T: must be a positive integer, got 0")
+    _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "-3"], "must be a positive integer")
+    _fails(capsys, ["tune", "--checkpoint", ck, "--lam", "-0.1"], "argument --lam: must be non-negative")
+    _fails(capsys, ["train", "--model", "resnet50"], "argument --model: invalid choice")
+    _fails(capsys, ["train", "--dataset", "imagenet"], "argument --dataset: invalid choice")
+    _fails(capsys, ["simulate", "--checkpoint", str(tmp_path / "none.pt")], "does not exist")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    _fails(capsys, ["simulate", "--checkpoint", str(bad), "--out", str(tmp_path / "x.json")], "could not be read")
+    _fails(capsys, ["tune", "--checkpoint", str(out / "stage2.pt")], "tune needs stage1.pt")
+    _fails(capsys, ["tune", "--checkpoint", str(out / "relu" / "stage1.pt")], "plain ReLU network")
+    _fails(capsys, ["train", "--dataset", "folder", "--data-root", str(tmp_path / "nowhere"),
+                    "--out", str(tmp_path / "run")], "must contain train/<class>/")
+    assert not (tmp_path / "run").exists()
+    _fails(capsys, ["train", "--out", str(out)], "already exists")
+    _fails(capsys, ["reproduce", "--profile", "tiny"], "argument --profile: invalid choice")
+
+
+def test_mismatched_checkpoint_is_refused(capsys, tmp_path, quick_run):
+    """A checkpoint whose architecture differs from its recorded model is named as such."""
+    import torch
+    from annsnn.utils import load_checkpoint, save_checkpoint
+    out, _ = quick_run
+    payload = load_checkpoint(out / "stage1.pt")
+    payload["config"]["model"]["name"] = "vgg16"
+    payload["config"]["model"]["image_size"] = 32
+    save_checkpoint(tmp_path / "vgg.pt", payload)
+    _fails(capsys, ["simulate", "--checkpoint", str(tmp_path / "vgg.pt"), "--out", str(tmp_path / "y.json")],
+           "does not match model 'vgg16'")
+    payload = load_checkpoint(out / "stage1.pt")
+    payload["config"]["model"]["num_classes"] = 3
+    last = [k for k in payload["model"] if k.endswith(".weight")][-1].rsplit(".", 1)[0]
+    payload["model"][f"{last}.weight"] = torch.zeros(3, 256)
+    payload["model"][f"{last}.bias"] = torch.zeros(3)
+    save_checkpoint(tmp_path / "three.pt", payload)
+    _fails(capsys, ["simulate", "--checkpoint", str(tmp_path / "three.pt"), "--out", str(tmp_path / "z.json")],
+           "trained on other data")
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "annsnn", "simulate", "--checkpoint", str(tmp_path / "no.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1

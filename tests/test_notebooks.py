@@ -1,0 +1,59 @@
+"""Book hygiene: every chapter is in the table of contents, committed without stray outputs,
+and points at the one repository setting in _config.yml."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+
+
+def _repository_url() -> str:
+    text = (ROOT / "_config.yml").read_text()
+    return re.search(r"^\s*url:\s*(https://github\.com/\S+)", text, re.M).group(1)
+
+
+def _toc_files() -> set[str]:
+    return set(re.findall(r"(?:root|file):\s*(\S+)", (ROOT / "_toc.yml").read_text()))
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_every_chapter_is_in_the_toc_and_every_toc_entry_exists():
+    toc = _toc_files()
+    for nb in NOTEBOOKS:
+        assert f"book/{nb.stem}" in toc, f"{nb.name} is not in _toc.yml"
+    for entry in toc:
+        assert list(ROOT.glob(entry + ".*")), f"_toc.yml names {entry}, which does not exist"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs_except_checked_cells(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "nbval-check-output" not in tags:
+            assert not cell.get("outputs"), f"{path.name} cell {i} has outputs but is not tagged nbval-check-output"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_template(path):
+    nb = json.loads(path.read_text())
+    text = "\n".join(_source(c) for c in nb["cells"])
+    url = _repository_url()
+    repo = url.removeprefix("https://github.com/")
+    assert f"colab.research.google.com/github/{repo}/blob/main/book/{path.name}" in text, "Colab badge"
+    assert f"git+{url}" in text and "google.colab" in text, "install cell that runs on Colab only"
+    for heading in ("Summary", "Exercises", "References"):
+        assert re.search(rf"^#+ .*{heading}", text, re.M), f"missing a '{heading}' section"
+    checked = [c for c in nb["cells"] if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
+    assert checked, "at least one cell tagged nbval-check-output with a deterministic result"
+    for cell in checked:
+        assert cell.get("outputs"), "a checked cell must be committed with the output nbval compares"
