@@ -47,7 +47,7 @@ def _positive(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", default="data", help="dataset folder (default: data)")
+    p.add_argument("--data-root", default="data", help="dataset folder, or an .npz of arrays (default: data)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="override the stage-1 epochs")
     p.add_argument("--T", type=_positive_int, help="override the number of time steps")
     p.add_argument("--limit", type=_positive_int, help="use only this many training and test images")
+    p.add_argument("--data-note", help="what copy of the data this is, stored with the results")
     _common(p)
     return parser
 
@@ -197,7 +198,7 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out or f"runs/{args.profile}")
     prof_overrides = {"T": args.T, "limit": args.limit, "stage1": {"epochs": args.epochs}}
     result = reproduce(args.profile, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
-                       **prof_overrides)
+                       data_note=args.data_note, **prof_overrides)
     ann = result["ann_test_acc"]["rnl_stage2"]
     T = result["settings"]["T"]
     print(f"RNL network (after stage 2) test accuracy {ann:.2f}%")

@@ -154,12 +154,30 @@ def load_image_folder(root: str | Path) -> tuple[tuple[torch.Tensor, ...], list[
     return (x_train, y_train, x_test, y_test), classes
 
 
+def load_arrays(path: str | Path) -> tuple[torch.Tensor, ...]:
+    """An ``.npz`` file with uint8 ``x_train``, ``x_test`` (``[N, H, W, C]`` or ``[N, H, W]``) and integer labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected an .npz with x_train, y_train, x_test, y_test")
+    with np.load(path) as f:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, y_test")
+        out = []
+        for split in ("train", "test"):
+            x = torch.from_numpy(f[f"x_{split}"]).to(torch.uint8)
+            x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+            out += [x.contiguous(), torch.from_numpy(f[f"y_{split}"]).to(torch.int64)]
+    return tuple(out)
+
+
 def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: int = 0,
                  limit: int | None = None) -> Dataset:
     """Load ``name`` (one of :data:`DATASETS`) into uint8 tensors with a held-out validation split.
 
     ``cifar10``/``cifar100`` read ``root/train`` and ``root/test`` class folders when present (an
-    offline copy), otherwise torchvision's files under ``root`` (downloaded when online). ``folder``
+    offline copy), or ``root`` itself when it is an ``.npz`` of arrays (:func:`load_arrays`), otherwise
+    torchvision's files under ``root`` (downloaded when online). ``folder``
     reads any ImageFolder-style directory. ``limit`` keeps the first ``limit`` training and test images
     (after a fixed shuffle), for tiny runs.
     """
@@ -170,7 +188,11 @@ def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1
         classes = [str(i) for i in range(10)]
         info["source"] = "scikit-learn load_digits (8x8, 1797 images; fixed 20% test split)"
     elif name in ("mnist", "cifar10", "cifar100", "folder"):
-        if name == "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
+        if root.suffix == ".npz":
+            x_train, y_train, x_test, y_test = load_arrays(root)
+            classes = [str(i) for i in range(int(y_train.max()) + 1)]
+            info["source"] = f"arrays in {root}"
+        elif name == "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
             (x_train, y_train, x_test, y_test), classes = load_image_folder(root)
             info["source"] = f"image folders under {root}"
         else:

@@ -35,7 +35,7 @@ PROFILES: dict[str, dict] = {
     "full": {
         "dataset": "cifar10", "model": "vgg16", "val_fraction": 0.1,
         "stage1": {"epochs": 100, "batch_size": 256, "lr": 0.1, "aug": {"pad": 4, "flip": True},
-                   "amp": True, "channels_last": True},
+                   "amp": True, "channels_last": True, "checkpoint_every": 10},
         "stage2": {"epochs": 2, "batch_size": 256, "lr": 0.5, "tol": 0.5},
         "lams": [0.01, 0.02, 0.05],
         "T": 256, "sim_batch": 500, "chunk": 16, "robust_percentile": 99.9, "targets": [90.0],
@@ -167,12 +167,13 @@ def environment() -> dict:
 
 
 def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_root: str | Path = "data",
-              device=None, progress: bool = True, **overrides) -> dict:
+              device=None, progress: bool = True, data_note: str | None = None, **overrides) -> dict:
     """Run the whole method and write ``curves.json`` and ``curves.png`` to ``out_dir``.
 
     Curves: the stage-1 RNL network, the stage-2 network with ``v(0)=0`` (the paper's setting) and
     with ``v(0)=theta/2``, and max-norm and robust-norm conversions of a plain ReLU twin trained the
     same way. Accuracies are on the test split; every choice was made on the validation split.
+    ``data_note`` is stored with the dataset's description (say which copy of the data was used).
     """
     from .plots import plot_accuracy_curves
     from .utils import device as pick_device
@@ -190,6 +191,8 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
 
     t = time.perf_counter()
     data = load_dataset(prof["dataset"], data_root, val_fraction=prof["val_fraction"], limit=prof.get("limit"))
+    if data_note:
+        data.info["note"] = data_note
     t = lap("data", t)
     model, m1 = run_stage1(data, prof, out_dir, rnl=True, device=device, progress=progress)
     t = lap("stage1", t)

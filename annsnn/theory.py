@@ -112,3 +112,46 @@ def two_sided_bound(rate: torch.Tensor, r_hat: torch.Tensor, t: torch.Tensor | i
     dims = tuple(range(rate.dim() - r_hat.dim(), rate.dim()))
     t = torch.as_tensor(t, dtype=rate.dtype, device=rate.device)
     return (rate.abs().sum(dims) + r_hat.abs().sum()) / (t * r_hat.pow(2).sum())
+
+
+RESETS = ("subtract", "zero")
+
+
+def if_trace(x: torch.Tensor, v_th: float | torch.Tensor = 1.0, v0: str | float = "zero",
+             reset: str = "subtract") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Step-by-step IF neurons that also return the membrane potential (chapter "Spiking neurons").
+
+    ``x`` is the input current, shape ``[T, ...]``. Returns ``(v_pre, s, v)``, each ``[T, ...]``:
+    the membrane after integrating step ``t`` (before any reset), the spikes, and the membrane
+    after the reset. With ``reset='subtract'`` (what conversion uses)
+
+    .. math:: v_t^{pre} = v_{t-1} + x_t, \quad s_t = [v_t^{pre} \ge v_{th}], \quad v_t = v_t^{pre} - s_t v_{th},
+
+    and with ``reset='zero'`` the last step is :math:`v_t = (1 - s_t)\, v_t^{pre}`, which throws away
+    whatever the membrane held above the threshold. ``reset='subtract'`` gives the same spikes as
+    :func:`simulate_if`.
+    """
+    if reset not in RESETS:
+        raise ValueError(f"reset must be 'subtract' or 'zero', got {reset!r}")
+    v = torch.full_like(x[0], _v0_fraction(v0)) * v_th
+    pre, spikes, post = [], [], []
+    for x_t in x:
+        v = v + x_t
+        s = (v >= v_th).to(x.dtype)
+        pre.append(v)
+        v = v - s * v_th if reset == "subtract" else v * (1 - s)
+        spikes.append(s)
+        post.append(v)
+    return torch.stack(pre), torch.stack(spikes), torch.stack(post)
+
+
+def poisson_input(a: torch.Tensor, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""Bernoulli ("Poisson") spike trains of ``T`` steps whose expected rate is ``clip(a, 0, 1)``.
+
+    Returns ``[T, *a.shape]`` spikes in {0, 1}: at every step each entry spikes with probability
+    :math:`\mathrm{clip}(a, 0, 1)`, independently. The empirical rate after ``t`` steps has standard
+    deviation :math:`\sqrt{a(1-a)/t}`, against at most :math:`1/t` for constant (direct) input
+    (chapter "Spiking neurons and rate coding").
+    """
+    prob = a.clamp(0, 1).unsqueeze(0).expand(T, *a.shape)
+    return torch.bernoulli(prob, generator=generator)

@@ -38,12 +38,13 @@ class Stage1Config:
     schedule: str = "cosine"  # or "step": lr x 0.1 at 50% and 75% of the epochs
     aug: dict = field(default_factory=lambda: {"pad": 4, "flip": True, "cutout": 0})
     seed: int = 0
+    checkpoint_every: int = 1    # write the resumable training state every this many epochs
     amp: bool = False            # bf16 autocast (CUDA only)
     channels_last: bool = False  # channels-last memory format (CUDA only)
 
     def check(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError("epochs, batch size and learning rate must be positive")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.checkpoint_every <= 0:
+            raise ValueError("epochs, batch size, learning rate and checkpoint interval must be positive")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
 
@@ -240,7 +241,7 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
             epochs.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val['acc']:.2f}%")
             theta = " ".join(f"{v:.2f}" for v in metrics["thresholds"].values())
             epochs.write(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}, val {val['acc']:.2f}%, thresholds {theta}")
-        if out_dir is not None:
+        if out_dir is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(last_path, {
                 "kind": "stage1_last", "config": _full_config(config, cfg), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

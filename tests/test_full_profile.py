@@ -1,0 +1,43 @@
+"""The full profile (CIFAR-10-shaped data, VGG-16) end to end at a tiny size on CPU."""
+import json
+
+import numpy as np
+
+from annsnn.cli import main
+from annsnn.data import load_dataset
+
+
+def _tiny_cifar(path, n_train=200, n_test=100):
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(n_train) % 10, np.arange(n_test) % 10
+    # class-dependent colour so the network has something to learn
+    def images(y):
+        x = rng.integers(0, 128, (len(y), 32, 32, 3))
+        x[..., 0] += (y * 12)[:, None, None]
+        return x.astype(np.uint8)
+    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
+    return path
+
+
+def test_arrays_loader(tmp_path):
+    data = load_dataset("cifar10", _tiny_cifar(tmp_path / "c.npz"), val_fraction=0.1)
+    assert data.train.x.shape[1:] == (3, 32, 32) and len(data.train) == 180 and len(data.test) == 100
+    assert data.num_classes == 10 and data.mean == (0.4914, 0.4822, 0.4465)
+
+
+def test_reproduce_full_profile_tiny(tmp_path, capsys):
+    root = _tiny_cifar(tmp_path / "tiny.npz")
+    out = tmp_path / "full"
+    code = main(["reproduce", "--profile", "full", "--data-root", str(root), "--out", str(out), "--epochs", "2",
+                 "--T", "4", "--quiet", "--device", "cpu", "--data-note", "synthetic test data"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "curves.json").read_text())
+    assert result["settings"]["model"] == "vgg16" and result["settings"]["stage1"]["epochs"] == 2
+    assert result["dataset"]["note"] == "synthetic test data" and result["dataset"]["train"] == 180
+    assert set(result["curves"]) == {"RNL stage 1, v(0)=0", "RNL + RIL, v(0)=0", "RNL + RIL, v(0)=theta/2",
+                                     "max-norm", "robust-norm 99.9%"}
+    assert all(len(c) == 4 for c in result["curves"].values())
+    assert len(result["stage1"]["thresholds"]) == 15  # 13 conv layers and 2 hidden linear layers
+    for key in ("timing_s", "environment", "steps_to", "ann_test_acc"):
+        assert key in result
+    assert (out / "curves.png").exists() and (out / "stage2.pt").exists() and (out / "relu" / "stage1.pt").exists()
