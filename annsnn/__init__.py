@@ -8,5 +8,6 @@ from .simulate import SimResult, simulate
 from .theory import fit_bound, fit_curve, if_rate_constant, omega, simulate_if
 from .train import Stage1Config, Stage2Config, evaluate, load_model, train_stage1, train_stage2
 from .utils import device, seed
+from . import energy, interop, pipeline, plots, qcfs, widgets  # noqa: E402  (annsnn.pipeline etc. after `import annsnn`)
 
 __version__ = "0.1.0"

@@ -1,6 +1,8 @@
 """Command line: ``annsnn train | tune | simulate | reproduce``, a thin layer over the library.
 
 Bad input exits with code 2 and a one-line message; nothing already written is overwritten.
+``torchrun --nproc_per_node=N -m annsnn train|tune|simulate ...`` runs on N processes (one per GPU);
+only process 0 prints and writes.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import copy
 import sys
 from pathlib import Path
 
+from . import distributed
 from .data import DATASETS
 from .models import MODELS
 from .pipeline import PROFILES, get_profile
@@ -46,6 +49,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _say(text: str) -> None:
+    """Print from process 0 only (every process runs the command under torchrun)."""
+    if distributed.is_main():
+        print(text)
+
+
+def _device(name: str | None):
+    from .utils import device
+
+    return distributed.local_device(device(name))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default="data", help="dataset folder, or an .npz of arrays (default: data)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -67,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relu", action="store_true", help="train a plain ReLU network (for the baselines)")
     p.add_argument("--out", help="output folder (default: runs/<profile>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU)")
     _common(p)
 
     p = sub.add_parser("tune", help="stage 2: train the shared threshold scale with the Rate Inference Loss")
@@ -86,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--chunk", type=_positive_int, default=16, help="time steps per layer call (1: step by step)")
+    p.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
+                   help="simulator: fused Triton kernels on a GPU (auto, fast) or plain torch (reference)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="fast engine's layer precision (float32: the reference's spikes exactly)")
     p.add_argument("--out", help="curve JSON to write (default: <checkpoint>_T<T>_<v0>.json); never overwritten")
     _common(p)
 
@@ -113,32 +133,31 @@ def _dataset_for(payload: dict, args) -> "object":
 def cmd_train(args) -> int:
     from .pipeline import run_stage1
     from .data import load_dataset
-    from .utils import device
 
     out = Path(args.out or f"runs/{args.profile}") / ("relu" if args.relu else "")
     if (out / "stage1.pt").exists():
         if args.resume:
-            print(f"{out / 'stage1.pt'} is already complete")
+            _say(f"{out / 'stage1.pt'} is already complete")
             return 0
         raise ValueError(f"{out / 'stage1.pt'} already exists; choose another --out (nothing was changed)")
     if (out / "stage1_last.pt").exists() and not args.resume:
         raise ValueError(f"{out / 'stage1_last.pt'} holds an interrupted run; pass --resume to continue it "
                          "or choose another --out")
     prof = get_profile(args.profile, dataset=args.dataset, model=args.model,
-                       stage1={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})
-    dev = device(args.device)
+                       stage1={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                               "compile": args.compile or None})
+    dev = _device(args.device)
     data = load_dataset(prof["dataset"], args.data_root, val_fraction=prof["val_fraction"])
     _, metrics = run_stage1(data, prof, out, rnl=not args.relu, device=dev, progress=not args.quiet)
-    print(f"stage 1 done: best validation accuracy {metrics['best']['acc']:.2f}% at epoch "
+    _say(f"stage 1 done: best validation accuracy {metrics['best']['acc']:.2f}% at epoch "
           f"{metrics['best']['epoch']}; saved {out / 'stage1.pt'}")
     return 0
 
 
 def cmd_tune(args) -> int:
     from .train import Stage2Config, load_model, train_stage2
-    from .utils import device
 
-    dev = device(args.device)
+    dev = _device(args.device)
     model, payload = load_model(args.checkpoint, device=dev)
     if payload.get("kind") != "stage1":
         raise ValueError(f"{args.checkpoint} is a {payload.get('kind', 'unknown')} checkpoint; tune needs stage1.pt")
@@ -157,23 +176,25 @@ def cmd_tune(args) -> int:
                            config=payload["config"], device=dev, progress=not args.quiet)
         kept = run["kept"]
         where = kept["path"] or "nothing passed the guard with a lower Omega; stage-1 network kept"
-        print(f"lambda={lam:g}: p={kept['p']:.4f}, validation accuracy {kept['val_acc']:.2f}% "
+        _say(f"lambda={lam:g}: p={kept['p']:.4f}, validation accuracy {kept['val_acc']:.2f}% "
               f"(stage 1: {run['base']['acc']:.2f}%), Omega {kept['omega']:.4f} -> {where}")
     return 0
 
 
 def cmd_simulate(args) -> int:
+    import torch
+
     from .convert import convert
     from .pipeline import check_compatible, environment
     from .simulate import simulate
     from .train import evaluate, load_model
-    from .utils import device, write_json
+    from .utils import write_json
 
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         f"{Path(args.checkpoint).stem}_T{args.T}_{args.v0}.json")
     if out.exists():
         raise ValueError(f"{out} already exists; pass another --out (nothing was changed)")
-    dev = device(args.device)
+    dev = _device(args.device)
     model, payload = load_model(args.checkpoint, device=dev)
     if not payload["config"].get("rnl", True):
         raise ValueError(f"{args.checkpoint} is a plain ReLU network; convert it with threshold balancing "
@@ -182,13 +203,15 @@ def cmd_simulate(args) -> int:
     check_compatible(payload, data, args.checkpoint)
     split = getattr(data, args.split)
     result = simulate(convert(model, v0=args.v0), split, T=args.T, batch_size=args.batch_size, chunk=args.chunk,
-                      device=dev, progress=not args.quiet)
+                      device=dev, progress=not args.quiet and distributed.is_main(), engine=args.engine,
+                      dtype=getattr(torch, args.dtype))
     ann = evaluate(model, split, device=dev)["acc"]
-    write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "v0": args.v0, "ann_acc": ann,
-                     "environment": environment(), **result.to_dict()})
+    if distributed.is_main():
+        write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "v0": args.v0, "ann_acc": ann,
+                         "processes": distributed.world(), "environment": environment(), **result.to_dict()})
     marks = [t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if t <= args.T]
-    print(f"ANN {ann:.2f}%  " + "  ".join(f"T={t}: {result.at(t):.2f}%" for t in marks))
-    print(f"wrote {out}")
+    _say(f"ANN {ann:.2f}%  " + "  ".join(f"T={t}: {result.at(t):.2f}%" for t in marks))
+    _say(f"wrote {out}")
     return 0
 
 
@@ -213,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "tune": cmd_tune, "simulate": cmd_simulate, "reproduce": cmd_reproduce}
     try:
+        if args.command == "reproduce" and distributed.launched():
+            raise ValueError("reproduce runs in one process; under torchrun use train, tune and simulate")
+        distributed.init()
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"annsnn {args.command}: error: {e}", file=sys.stderr)
@@ -220,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"annsnn {args.command}: interrupted; checkpoints are intact, rerun with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

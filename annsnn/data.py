@@ -219,30 +219,38 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor copied to ``device`` without making the host wait for the GPU (pinned memory)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4, flip: bool = True,
             cutout: int = 0) -> torch.Tensor:
     """Random crop with zero padding, horizontal flip and optional cutout, on ``x``'s device.
 
     ``x`` is a uint8 or float batch ``[B, C, H, W]``. Random numbers come from ``generator`` (a CPU
-    generator, so runs are reproducible on any device); all indexing runs on ``x.device``.
+    generator, so runs are reproducible on any device); all indexing runs on ``x.device``, and the
+    random numbers travel there through pinned memory, so a GPU training step never waits on the host.
     """
     B, C, H, W = x.shape
     dev = x.device
     if pad:
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(dev)
+        oy = _to_device(torch.randint(0, 2 * pad + 1, (B,), generator=generator), dev)
+        ox = _to_device(torch.randint(0, 2 * pad + 1, (B,), generator=generator), dev)
         rows = (oy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # [B,1,H,1]
         cols = (ox[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # [B,1,1,W]
         b = torch.arange(B, device=dev)[:, None, None, None]
         c = torch.arange(C, device=dev)[None, :, None, None]
         x = padded[b, c, rows, cols]
     if flip:
-        do_flip = (torch.rand(B, generator=generator) < 0.5).to(dev)
+        do_flip = _to_device(torch.rand(B, generator=generator) < 0.5, dev)
         x = torch.where(do_flip[:, None, None, None], x.flip(-1), x)
     if cutout:
-        cy = torch.randint(0, H, (B,), generator=generator).to(dev)
-        cx = torch.randint(0, W, (B,), generator=generator).to(dev)
+        cy = _to_device(torch.randint(0, H, (B,), generator=generator), dev)
+        cx = _to_device(torch.randint(0, W, (B,), generator=generator), dev)
         ys = torch.arange(H, device=dev)[None, :, None]
         xs = torch.arange(W, device=dev)[None, None, :]
         half = cutout // 2
@@ -252,15 +260,22 @@ def augment(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4, fl
 
 
 def batches(split: Split, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-            device: torch.device | str | None = None, aug: dict | None = None,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            device: torch.device | str | None = None, aug: dict | None = None, drop_last: bool = False,
+            shard: tuple[int, int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches: ``x`` float in [0, 1] on ``device``, augmented when ``aug`` is given.
 
     The split is moved to ``device`` by the caller once (``split.to(device)``) for GPU-resident data;
-    a split left on the CPU is copied batch by batch.
+    a split left on the CPU is copied batch by batch. With ``shard=(rank, world)`` every process
+    draws and augments the same global batch of ``batch_size`` images and keeps its share (rows
+    ``rank * b`` to ``(rank + 1) * b``, ``b = batch_size // world``), so the processes together see
+    exactly the batches one process would.
     """
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    rank, world = shard or (0, 1)
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {world} processes; "
+                         f"choose a multiple of {world}")
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(split.x.device)
@@ -272,4 +287,7 @@ def batches(split: Split, batch_size: int, shuffle: bool = False, generator: tor
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if aug:
             x = augment(x, generator, **aug)
+        if world > 1:
+            part = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+            x, y = x[part], y[part]
         yield to_float(x), y

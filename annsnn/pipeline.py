@@ -224,6 +224,7 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
         "ann_test_acc": ann_acc, "stage1": {"best": m1["best"], "thresholds": m1["thresholds"]},
         "stage2": m2,
         "curves": {label: r.acc for label, r in curves.items()},
+        "engines": {label: r.engine for label, r in curves.items()},
         "steps_to": {label: {f"{x:g}": r.steps_to(x) for x in prof["targets"]} for label, r in curves.items()},
     }
     write_json(out_dir / "curves.json", result)

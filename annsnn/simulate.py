@@ -6,6 +6,11 @@ The network's output at step ``t`` is the running sum of the last layer's analog
 steps ``1..t``, so one run gives the whole accuracy-versus-``t`` curve. ``chunk=1`` is the
 step-by-step simulation (one layer call per step), and gives the same spikes in float32.
 Derived in the chapter "Conversion and simulation".
+
+On a GPU, ``engine="auto"`` runs the same loop on a fused copy of the network
+(:func:`annsnn.kernels.fuse_for_speed`: Triton IF kernels, bfloat16, channels-last); the appendix
+"Performance" explains it. Under ``torchrun`` every process simulates its share of the images and the
+counts are summed (:mod:`annsnn.distributed`).
 """
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .convert import neurons, reset, set_steps
 from .data import Split, batches
 from .rnl import RNL
+
+ENGINES = ("auto", "reference", "fast")
 
 
 @dataclass
@@ -30,6 +38,7 @@ class SimResult:
     neurons: dict[str, int] = field(default_factory=dict)    # neurons per image per layer
     fit: dict[str, list[float]] = field(default_factory=dict)  # K(t) per layer, t = 1..T
     omega: dict[str, float] = field(default_factory=dict)     # Omega per layer over the whole set
+    engine: str = "reference"                                  # "reference", or "fast-<dtype>"
 
     def at(self, t: int) -> float:
         """Accuracy after ``t`` steps."""
@@ -74,15 +83,40 @@ class _LayerMonitor:
         self.t0 += T
 
 
+def pick_engine(engine: str, device: torch.device, per_layer: bool = False) -> str:
+    """``"reference"`` or ``"fast"``: ``"auto"`` is fast on CUDA when Triton is importable.
+
+    Per-layer statistics (``ann``, ``record_spikes``) need the reference engine's neuron outputs.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "reference" or (engine == "auto" and per_layer):
+        return "reference"
+    from .kernels import fast_path_available
+
+    if engine == "auto":
+        return "fast" if device.type == "cuda" and fast_path_available(device) else "reference"
+    if per_layer:
+        raise ValueError("per-layer statistics (ann=, record_spikes=) need engine='reference' (or 'auto')")
+    if not fast_path_available(device):
+        raise ValueError(f"the fast engine needs a CUDA device with Triton, not {device}; use engine='reference'")
+    return "fast"
+
+
 @torch.no_grad()
 def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device: torch.device | str | None = None,
              chunk: int = 16, ann: nn.Module | None = None, record_spikes: bool = False,
-             progress: bool = False) -> SimResult:
+             progress: bool = False, engine: str = "auto", dtype: torch.dtype = torch.bfloat16,
+             cuda_graph: bool = False) -> SimResult:
     """Simulate ``snn`` for ``T`` steps on every image of ``data`` and return the accuracy curve.
 
     ``chunk`` is the number of time steps merged into one layer call. Pass the RNL network as ``ann``
     to also measure each layer's fit curve ``K(t)`` and ``Omega`` (the chapter on the fit curve uses
     this); ``record_spikes`` counts spikes per layer. Nothing synchronises with the host inside the loop.
+
+    ``engine``: ``"reference"`` (plain torch, any device), ``"fast"`` (fused Triton kernels in
+    ``dtype``; ``torch.float32`` gives the reference's spikes exactly), or ``"auto"`` (fast on CUDA).
+    ``cuda_graph`` replays each chunk of the fast engine as a CUDA graph.
     """
     if T <= 0:
         raise ValueError(f"T must be a positive number of time steps, got {T}")
@@ -90,6 +124,15 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
         raise ValueError(f"chunk must be positive, got {chunk}")
     device = torch.device(device) if device is not None else next(snn.buffers()).device
     snn = snn.eval().to(device)
+    engine = pick_engine(engine, device, per_layer=ann is not None or record_spikes)
+    run, label = snn, "reference"
+    if engine == "fast":
+        from .kernels import FastSNN, GraphedChunks, fuse_for_speed
+
+        snn = snn if isinstance(snn, FastSNN) else fuse_for_speed(snn, dtype)
+        run = GraphedChunks(snn) if cuda_graph and device.type == "cuda" else snn
+        label = f"fast-{str(snn.dtype).removeprefix('torch.')}"
+    data = distributed.shard_split(data)
     layers = neurons(snn)
     monitors: dict[str, _LayerMonitor] = {}
     handles = []
@@ -129,7 +172,7 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
                 steps = min(chunk, T - t0)
                 set_steps(snn, steps)
                 xs = x.unsqueeze(0).expand(steps, *x.shape).reshape(steps * B, *x.shape[1:])
-                out = snn(xs).view(steps, B, -1).float().cumsum(0)
+                out = run(xs).view(steps, B, -1).float().cumsum(0)
                 if total is not None:
                     out += total
                 total = out[-1]
@@ -137,8 +180,14 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     finally:
         for h in handles:
             h.remove()
+    n = int(distributed.all_reduce_sum(torch.tensor(n, device=device)))
+    distributed.all_reduce_sum(correct)
+    for mon in monitors.values():
+        for stat in (mon.total, mon.num, mon.l1, mon.l2):
+            if stat is not None:
+                distributed.all_reduce_sum(stat)
     acc = (correct.double() * 100 / max(n, 1)).cpu().tolist()
-    result = SimResult(T=T, n=n, acc=acc)
+    result = SimResult(T=T, n=n, acc=acc, engine=label)
     for name, mon in monitors.items():
         result.spikes[name] = float(mon.total)
         result.neurons[name] = mon.size

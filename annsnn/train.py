@@ -9,6 +9,10 @@ Inference Loss
 where the teacher is a frozen copy of the stage-1 network. Chapters "Stage 1" and "Stage 2" of the
 book walk through both. Checkpoints are written atomically after every epoch and a run resumes
 where it stopped, ending with the same weights as an uninterrupted run (same seed, CPU).
+
+The step loops never wait on the device: data stays on it (``Split.to``), augmentation runs there,
+the loss is summed there, and thresholds and accuracy are read once per epoch. Under ``torchrun``
+both stages run in ``DistributedDataParallel`` (:mod:`annsnn.distributed`); only process 0 writes.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .data import Dataset, Split, batches
 from .models import build_model
-from .rnl import RNL, lock_max, rnl_layers, scale_parameters, thresholds
+from .rnl import lock_max, rnl_layers, scale_parameters, thresholds
 from .utils import load_checkpoint, save_checkpoint
 
 
@@ -41,6 +46,7 @@ class Stage1Config:
     checkpoint_every: int = 1    # write the resumable training state every this many epochs
     amp: bool = False            # bf16 autocast (CUDA only)
     channels_last: bool = False  # channels-last memory format (CUDA only)
+    compile: bool = False        # torch.compile the training step's forward
 
     def check(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.checkpoint_every <= 0:
@@ -101,18 +107,23 @@ def _autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str | None = None,
              with_omega: bool = False) -> dict[str, float]:
-    """Accuracy (percent) of ``model`` on ``split``; with ``with_omega``, also the mean Omega over layers and images."""
+    """Accuracy (percent) of ``model`` on ``split``; with ``with_omega``, also the mean Omega over layers and images.
+
+    Under torchrun each process evaluates its share of the split and the counts are summed.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     omega_sum = torch.zeros((), dtype=torch.float64, device=device)
     with _OmegaProbe(model, enabled=with_omega) as probe:
-        for x, y in batches(split, batch_size, device=device):
+        for x, y in batches(distributed.shard_split(split), batch_size, device=device):
             correct += (model(x).argmax(1) == y).sum()
             if with_omega:
                 omega_sum += probe.mean_omega().double() * len(y)
     model.train(was_training)
+    distributed.all_reduce_sum(correct)
+    distributed.all_reduce_sum(omega_sum)
     n = max(len(split), 1)
     out = {"acc": float(correct) * 100 / n}
     if with_omega:
@@ -179,7 +190,8 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     threshold are recorded; the weights with the best validation accuracy are saved as
     ``out_dir/stage1.pt`` and the full training state as ``out_dir/stage1_last.pt`` (both atomically).
     With ``resume=True`` training continues from ``stage1_last.pt``. Returns the history and the best
-    epoch; ``model`` ends holding the best weights.
+    epoch; ``model`` ends holding the best weights. ``cfg.amp``, ``cfg.channels_last`` and
+    ``cfg.compile`` speed up training on a GPU; under torchrun ``cfg.batch_size`` is the global batch.
     """
     cfg.check()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -191,6 +203,7 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     if last_path is not None and last_path.exists() and not resume:
         raise ValueError(f"{last_path} already exists; pass resume=True (--resume) to continue it, "
                          "or choose another output folder")
+    writes = out_dir is not None and distributed.is_main()
     for p in scale_parameters(model):
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,7 +224,12 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
         _set_rng_state(generator, state["rng"])
         history, best, start = state["history"], state["best"], state["epoch"]
         best_state = state["best_model"]
-    train_split = data.train.to(device)
+    train_split, val_split = data.train.to(device), data.val.to(device)
+    net = distributed.wrap(model, device)  # the model itself in a single process
+    if cfg.compile:
+        net = torch.compile(net)
+    shard = (distributed.rank(), distributed.world())
+    progress = progress and distributed.is_main()
     epochs = range(start, cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -220,17 +238,19 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
         model.train()
         loss_sum = torch.zeros((), device=device)
         for x, y in batches(train_split, cfg.batch_size, shuffle=True, generator=generator, aug=cfg.aug,
-                            drop_last=True):
+                            drop_last=True, shard=shard):
             if cfg.channels_last and device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, cfg.amp):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach()
-        val = evaluate(model, data.val, device=device)
+        distributed.broadcast_buffers(model)  # process 0's BatchNorm statistics and running maxima
+        loss_sum = distributed.all_reduce_sum(loss_sum) / distributed.world()
+        val = evaluate(model, val_split, device=device)
         metrics = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "val_acc": val["acc"],
                    "lr": optimizer.param_groups[0]["lr"], "thresholds": thresholds(model)}
         history.append(metrics)
@@ -241,7 +261,7 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
             epochs.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val['acc']:.2f}%")
             theta = " ".join(f"{v:.2f}" for v in metrics["thresholds"].values())
             epochs.write(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}, val {val['acc']:.2f}%, thresholds {theta}")
-        if out_dir is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+        if writes and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(last_path, {
                 "kind": "stage1_last", "config": _full_config(config, cfg), "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -251,8 +271,10 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
             on_epoch_end(epoch + 1, metrics)
     if best_state is not None:
         model.load_state_dict(best_state)
+    for p in scale_parameters(model):  # frozen for stage 1 only
+        p.requires_grad_(True)
     result = {"history": history, "best": best, "thresholds": thresholds(model)}
-    if out_dir is not None:
+    if writes:
         save_checkpoint(out_dir / "stage1.pt", {"kind": "stage1", "config": _full_config(config, cfg),
                                                 "model": model.state_dict(), "metrics": result})
     return result
@@ -286,7 +308,8 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     mode; only ``scale`` receives gradients). The guard measures validation accuracy
     ``cfg.evals_per_epoch`` times per epoch: whenever it is within ``cfg.tol`` percentage points of
     the stage-1 network's and the validation Omega is the lowest so far, the network is kept and
-    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt``. ``model`` ends holding the kept network
+    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt`` (the file it supersedes in this run is
+    removed, so one file per lambda remains). ``model`` ends holding the kept network
     (the stage-1 network itself if nothing better passed the guard). Returns the history and choice.
     """
     cfg.check()
@@ -305,7 +328,8 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     # terms balance. (Adam would move the single scale by about lr per step whatever lambda is.)
     optimizer = torch.optim.SGD(scales, lr=cfg.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(cfg.seed)
-    base = evaluate(model, data.val, device=device, with_omega=True)
+    val_split = data.val.to(device)
+    base = evaluate(model, val_split, device=device, with_omega=True)
     kept = {"step": 0, "val_acc": base["acc"], "omega": base["omega"], "p": _mean_p(model), "path": None}
     kept_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history = [{"step": 0, **{f"val_{k}": v for k, v in base.items()}, "p": kept["p"]}]
@@ -313,18 +337,22 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     steps_per_epoch = max(1, len(train_split) // cfg.batch_size)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     out_dir = Path(out_dir) if out_dir is not None else None
+    net = distributed.wrap(model, device)  # the model itself in a single process
+    shard = (distributed.rank(), distributed.world())
+    progress = progress and distributed.is_main()
     step = 0
+    previous_path: Path | None = None
     epochs = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
         epochs = tqdm(epochs, desc=f"stage 2 (lambda={cfg.lam:g})")
     for _ in epochs:
         for x, y in batches(train_split, cfg.batch_size, shuffle=True, generator=generator, aug=cfg.aug,
-                            drop_last=True):
+                            drop_last=True, shard=shard):
             with torch.no_grad():
                 target = teacher(x)
             with _OmegaProbe(model) as probe:
-                out = model(x)
+                out = net(x)
             loss = rate_inference_loss(out, target, probe.mean_omega(), cfg.lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -332,7 +360,7 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
             step += 1
             if step % eval_every:
                 continue
-            val = evaluate(model, data.val, device=device, with_omega=True)
+            val = evaluate(model, val_split, device=device, with_omega=True)
             entry = {"step": step, "loss": float(loss.detach()), "val_acc": val["acc"], "val_omega": val["omega"],
                      "p": _mean_p(model)}
             history.append(entry)
@@ -340,10 +368,14 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
                 kept = {"step": step, "val_acc": val["acc"], "omega": val["omega"], "p": entry["p"], "path": None}
                 kept_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if out_dir is not None:
-                    name = f"stage2_lam{cfg.lam:g}_acc{val['acc']:.2f}_omega{val['omega']:.4f}.pt"
-                    kept["path"] = str(save_checkpoint(out_dir / name, {
-                        "kind": "stage2", "config": _full_config(config, cfg), "model": kept_state,
-                        "metrics": dict(kept)}))
+                    path = out_dir / f"stage2_lam{cfg.lam:g}_acc{val['acc']:.2f}_omega{val['omega']:.4f}.pt"
+                    if distributed.is_main():
+                        save_checkpoint(path, {"kind": "stage2", "config": _full_config(config, cfg),
+                                               "model": kept_state, "metrics": dict(kept)})
+                        if previous_path and previous_path != path:  # superseded by a lower Omega
+                            previous_path.unlink(missing_ok=True)
+                    previous_path = path
+                    kept["path"] = str(path)
             if progress:
                 epochs.set_postfix(p=f"{entry['p']:.3f}", val=f"{val['acc']:.2f}%", omega=f"{val['omega']:.3f}")
     model.load_state_dict(kept_state)

@@ -1,9 +1,15 @@
-"""The threshold-scale demo: how the simulated fit curve and accuracy change with ``p``.
+"""Interactive demos and their static twins for the book's chapters.
+
+The threshold-scale demo (chapter "The optimal fit curve and the squeeze theorem") shows how the
+simulated fit curve and accuracy change with ``p``.
 
 :func:`scale_sweep` simulates a trained RNL network once per threshold scale ``p`` (all layers share
 it, as in the paper); :func:`scale_slider` shows one scale at a time with an ipywidgets slider, and
 :func:`small_multiples` draws every scale side by side, the static version for the HTML book.
 Precomputing the sweep keeps the slider instant and makes both views show the same numbers.
+The other demos draw one IF neuron (chapter "Spiking neurons and rate coding"), the closed-form
+rate staircase (chapter "The firing-rate approximation") and where a Rate Norm Layer's threshold cuts
+a layer's activations (chapter "The Rate Norm Layer").
 """
 from __future__ import annotations
 
@@ -31,7 +37,10 @@ def with_scale(model: nn.Module, p: float) -> nn.Module:
 
 def scale_sweep(model: nn.Module, data: Split, scales: Sequence[float], T: int = 64, v0: str = "zero",
                 **sim) -> dict[float, dict]:
-    """For each ``p``: the RNL network's accuracy and the SNN's :class:`SimResult` (with per-layer ``K(t)``)."""
+    """For each ``p``: the RNL network's accuracy and the SNN's :class:`SimResult` (with per-layer ``K(t)``).
+
+    Extra keyword arguments go to :func:`~annsnn.simulate.simulate` (``batch_size``, ``chunk``, ``device``).
+    """
     sweep = {}
     for p in scales:
         m = with_scale(model, p)
@@ -39,8 +48,30 @@ def scale_sweep(model: nn.Module, data: Split, scales: Sequence[float], T: int =
     return sweep
 
 
-def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = None, c: float = 1.0):
-    """Two panels for one scale: each layer's K(t) against ``c * Omega / t``, and accuracy against t."""
+def sweep_table(sweep: dict[float, dict], target: float = 90.0) -> list[dict]:
+    r"""One row per scale: RNL accuracy, mean :math:`\Omega` over layers, steps to ``target`` percent, final accuracy."""
+    rows = []
+    for p, entry in sweep.items():
+        res: SimResult = entry["sim"]
+        omegas = list(res.omega.values())
+        rows.append({"p": p, "ann_acc": entry["ann_acc"], "mean_omega": sum(omegas) / max(len(omegas), 1),
+                     "steps_to_target": res.steps_to(target), "acc_T": res.acc[-1]})
+    return rows
+
+
+def _ordinal(res: SimResult, names: Sequence[str]) -> dict[str, str]:
+    """Label layers by their position among the spiking layers (1 = first), not by module name."""
+    order = {n: i + 1 for i, n in enumerate(res.fit)}
+    return {n: str(order[n]) for n in names}
+
+
+def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = None, c: float = 1.0,
+               target: float | None = 90.0):
+    """Two panels for one scale: each layer's K(t) against ``c * Omega / t``, and accuracy against t.
+
+    Layers are labelled by their position among the spiking layers. With ``target``, the accuracy panel
+    marks the first step at which the SNN reaches ``target`` percent.
+    """
     import matplotlib.pyplot as plt
 
     from .plots import plot_accuracy_curves, plot_fit_curves
@@ -49,23 +80,38 @@ def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = 
         _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     res: SimResult = entry["sim"]
     names = list(layers) if layers is not None else list(res.fit)
-    plot_fit_curves({n: res.fit[n] for n in names}, res.omega, ax=axes[0], c=c)
-    axes[0].set_title(f"p = {p:.2f}: fit curves (dashed: Omega/t)")
+    label = _ordinal(res, names)
+    plot_fit_curves({label[n]: res.fit[n] for n in names}, {label[n]: res.omega[n] for n in names}, ax=axes[0], c=c)
+    envelope = "Omega/t" if c == 1 else f"{c:g} Omega/t"
+    axes[0].set_ylabel(f"K(t)  (dashed: {envelope})")
+    axes[0].set_title(f"p = {p:.2f}: fit curves (dashed: {envelope})")
     plot_accuracy_curves({"SNN": res.acc}, ax=axes[1], references={f"RNL {entry['ann_acc']:.1f}%": entry["ann_acc"]})
     axes[1].set_title(f"p = {p:.2f}: accuracy")
+    if target is not None:
+        hit = res.steps_to(target)
+        text = f"{target:g}% at t = {hit}" if hit is not None else f"{target:g}% not reached"
+        if hit is not None:
+            axes[1].axvline(hit, color="C3", linestyle=":", linewidth=1)
+        axes[1].text(0.97, 0.04, text, transform=axes[1].transAxes, ha="right", va="bottom", fontsize=8, color="C3")
+        if axes[1].get_legend() is not None:
+            axes[1].get_legend().remove()
     return axes
 
 
-def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = None, c: float = 1.0):
+def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = None, c: float = 1.0,
+                    target: float | None = 90.0):
     """Every scale of a sweep in one figure: a row of fit-curve panels over a row of accuracy panels."""
     import matplotlib.pyplot as plt
 
     n = len(sweep)
     fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6), squeeze=False, sharey="row")
     for i, (p, entry) in enumerate(sweep.items()):
-        plot_scale(entry, p, axes=axes[:, i], layers=layers, c=c)
+        plot_scale(entry, p, axes=axes[:, i], layers=layers, c=c, target=target)
         axes[0, i].set_title(f"p = {p:.2f}", fontsize=10)
         axes[1, i].set_title(f"RNL {entry['ann_acc']:.1f}%", fontsize=10)
+        if i:
+            axes[0, i].set_ylabel("")
+            axes[1, i].set_ylabel("")
         for ax in axes[:, i]:
             if ax.get_legend() is not None and i < n - 1:
                 ax.get_legend().remove()
@@ -74,7 +120,7 @@ def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = Non
 
 
 def scale_slider(sweep: dict[float, dict], layers: Sequence[str] | None = None, value: float | None = None,
-                 c: float = 1.0):
+                 c: float = 1.0, target: float | None = 90.0):
     """An ipywidgets slider over the scales of ``sweep`` that redraws :func:`plot_scale`."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
@@ -83,10 +129,202 @@ def scale_slider(sweep: dict[float, dict], layers: Sequence[str] | None = None, 
     start = value if value in sweep else scales[len(scales) // 2]
 
     def show(p: float) -> None:
-        plot_scale(sweep[p], p, layers=layers, c=c)
+        plot_scale(sweep[p], p, layers=layers, c=c, target=target)
+        plt.tight_layout()
         plt.show()
 
     slider = widgets.SelectionSlider(options=[(f"{p:.2f}", p) for p in scales], value=start,
                                      description="threshold scale p", style={"description_width": "initial"},
                                      continuous_update=False)
     return widgets.interactive(show, p=slider)
+
+
+# --- Chapter "Spiking neurons and rate coding": one IF neuron --------------------------------------
+
+def neuron_input(x: float, T: int, source: str = "constant", seed: int = 0) -> torch.Tensor:
+    r"""The input current of one neuron for ``T`` steps, shape ``[T]`` (float64).
+
+    ``source='constant'`` (direct input) gives :math:`x` at every step; ``source='poisson'`` gives
+    unit spikes with probability :math:`\mathrm{clip}(x, 0, 1)` per step (same mean for ``x`` in [0, 1]).
+    """
+    from .theory import poisson_input
+
+    if source == "constant":
+        return torch.full((T,), float(x), dtype=torch.float64)
+    if source == "poisson":
+        g = torch.Generator().manual_seed(seed)
+        return poisson_input(torch.tensor(float(x), dtype=torch.float64), T, generator=g)
+    raise ValueError(f"source must be 'constant' or 'poisson', got {source!r}")
+
+
+def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "subtract",
+                source: str = "constant", seed: int = 0, axes=None):
+    r"""Three panels for one IF neuron: membrane trace, spike raster, firing rate against ``clip(x / v_th, 0, 1)``.
+
+    The rate panel shades the band :math:`\pm 1/t` around the target: constant input with reset by
+    subtraction stays inside it, Poisson input and reset to zero need not.
+    """
+    import matplotlib.pyplot as plt
+
+    from .theory import if_trace
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    current = neuron_input(x, T, source, seed)
+    pre, s, post = if_trace(current, v_th=v_th, reset=reset)
+    # sawtooth: v(t-1) -> integrate -> v_pre(t) -> reset -> v(t)
+    times = [0.0] + [float(t) for t in range(1, T + 1) for _ in range(2)]
+    values = [0.0] + [float(v) for pair in zip(pre, post) for v in pair]
+    ax = axes[0]
+    ax.plot(times, values, color="C0", linewidth=1)
+    ax.axhline(v_th, color="C3", linestyle="--", linewidth=1, label="threshold $v_{th}$")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("membrane v")
+    ax.set_title(f"membrane, reset {'by subtraction' if reset == 'subtract' else 'to zero'}")
+    ax.legend(loc="lower right", fontsize=8)
+
+    ax = axes[1]
+    t_out = (torch.nonzero(s).flatten() + 1).tolist()
+    rows = [t_out]
+    labels = ["output"]
+    if source == "poisson":
+        rows.insert(0, (torch.nonzero(current).flatten() + 1).tolist())
+        labels.insert(0, "input")
+    ax.eventplot(rows, colors=["C2", "C0"][-len(rows):], lineoffsets=range(len(rows)), linelengths=0.7)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.set_xlim(0.5, T + 0.5)
+    ax.set_xlabel("time step t")
+    ax.set_title(f"spikes ({'Poisson' if source == 'poisson' else 'constant'} input)")
+
+    ax = axes[2]
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    rate = s.cumsum(0) / t
+    target = min(max(x / v_th, 0.0), 1.0)
+    ax.fill_between(t, target - 1 / t, target + 1 / t, color="gray", alpha=0.2, label=r"target $\pm 1/t$")
+    ax.axhline(target, color="C3", linestyle="--", linewidth=1, label=f"clip(x/v_th) = {target:.3f}")
+    ax.plot(t, rate, color="C0", label=f"rate r(t); r({T}) = {rate[-1]:.3f}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("firing rate")
+    ax.set_title("rate = spikes / t")
+    ax.legend(loc="upper right", fontsize=8)
+    return axes
+
+
+def neuron_demo(x: float = 0.35, v_th: float = 1.0, T: int = 40):
+    """Sliders for input current, threshold and ``T``, plus reset and input choices, redrawing :func:`plot_neuron`."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(x, v_th, T, reset, source):
+        plot_neuron(x, v_th, T, reset, source)
+        plt.tight_layout()
+        plt.show()
+
+    style = {"description_width": "initial"}
+    return widgets.interactive(
+        show,
+        x=widgets.FloatSlider(value=x, min=-0.2, max=1.5, step=0.01, description="input current x", style=style,
+                              continuous_update=False),
+        v_th=widgets.FloatSlider(value=v_th, min=0.2, max=2.0, step=0.05, description="threshold v_th",
+                                 style=style, continuous_update=False),
+        T=widgets.IntSlider(value=T, min=5, max=200, description="time steps T", style=style, continuous_update=False),
+        reset=widgets.ToggleButtons(options=[("by subtraction", "subtract"), ("to zero", "zero")],
+                                    description="reset", style=style),
+        source=widgets.ToggleButtons(options=[("constant", "constant"), ("Poisson", "poisson")],
+                                     description="input", style=style),
+    )
+
+
+# --- Chapter "The firing-rate approximation": the staircase r(t) = floor(t a + v0) / t -------------------
+
+def plot_rate_staircase(a: float = 0.3, T: int = 40, ax=None):
+    r"""Rate after ``t`` steps for constant input ``a`` (in units of ``v_th``), for both starting potentials.
+
+    Dashed: the envelopes :math:`a - 1/t` (any error with :math:`v(0)=0` lies between it and ``a``) and
+    :math:`a \pm 1/(2t)` (the band for :math:`v(0)=\theta/2`).
+    """
+    import matplotlib.pyplot as plt
+
+    from .theory import if_rate_constant
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    a_t = torch.tensor(float(a), dtype=torch.float64)
+    ax.step(t, if_rate_constant(a_t, t, "zero"), where="post", color="C0", label=r"$v(0)=0$: $\lfloor ta \rfloor/t$")
+    ax.step(t, if_rate_constant(a_t, t, "half"), where="post", color="C1",
+            label=r"$v(0)=\theta/2$: $\lfloor ta + 1/2 \rfloor/t$")
+    ax.axhline(a, color="k", linewidth=0.8, label=f"a = {a:.3f}")
+    ax.plot(t, a - 1 / t, color="C0", linestyle=":", linewidth=1, label="a - 1/t")
+    ax.fill_between(t, a - 0.5 / t, a + 0.5 / t, color="C1", alpha=0.15, label="a ± 1/(2t)")
+    ax.set_ylim(max(-0.05, a - 0.6), min(1.05, a + 0.6))
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("rate r(t)")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def rate_demo(a: float = 0.3, T: int = 40):
+    """Sliders for the activation ``a`` and ``T`` redrawing :func:`plot_rate_staircase`."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(a, T):
+        plot_rate_staircase(a, T)
+        plt.show()
+
+    style = {"description_width": "initial"}
+    return widgets.interactive(
+        show,
+        a=widgets.FloatSlider(value=a, min=0.0, max=1.0, step=0.01, description="activation a", style=style,
+                              continuous_update=False),
+        T=widgets.IntSlider(value=T, min=5, max=200, description="time steps T", style=style, continuous_update=False),
+    )
+
+
+# --- Chapter "The Rate Norm Layer": where the threshold cuts a layer's activations ----------------------
+
+def plot_rnl_cut(x: torch.Tensor, running_max: float, p: float, ax=None, title: str | None = None):
+    r"""Histogram of a layer's positive pre-activations ``x / running_max``, cut at the threshold scale ``p``.
+
+    Activations above :math:`\theta = m p` are clipped to a rate of 1 (shaded). The title reports the
+    clipped fraction and the layer's :math:`\Omega` of :math:`\hat r = \mathrm{clip}(x/\theta, 0, 1)`.
+    """
+    import matplotlib.pyplot as plt
+
+    from .theory import omega
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    pos = x[x > 0].double() / running_max
+    r_hat = (x.double().clamp_min(0) / (running_max * p)).clamp(0, 1)
+    clipped = float((pos > p).double().mean()) if len(pos) else 0.0
+    top = max(float(pos.max()) if len(pos) else 1.0, 1.0) * 1.02
+    ax.hist(pos.numpy(), bins=60, range=(0, top), color="C0", alpha=0.8)
+    ax.axvspan(p, top, color="C3", alpha=0.12)
+    ax.axvline(p, color="C3", linestyle="--", linewidth=1, label=f"theta / m = p = {p:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("positive pre-activation x / running_max")
+    ax.set_ylabel("count")
+    ax.set_title(title or f"clipped {100 * clipped:.2f}% of positives, Omega = {float(omega(r_hat)):.2f}", fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def rnl_demo(acts: dict[str, torch.Tensor], running_max: dict[str, float], p: float = 0.95):
+    """A layer menu and a threshold-scale slider redrawing :func:`plot_rnl_cut` for recorded pre-activations."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(layer, p):
+        plot_rnl_cut(acts[layer], running_max[layer], p)
+        plt.show()
+
+    style = {"description_width": "initial"}
+    return widgets.interactive(
+        show,
+        layer=widgets.Dropdown(options=list(acts), description="RNL", style=style),
+        p=widgets.FloatSlider(value=p, min=0.05, max=0.99, step=0.01, description="threshold scale p", style=style,
+                              continuous_update=False),
+    )

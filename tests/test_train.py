@@ -31,6 +31,7 @@ def test_stage1_learns_and_keeps_scale_frozen(digits):
     scale_before = scale_parameters(model)[0].detach().clone()
     result = train_stage1(model, data, Stage1Config(**{**CFG, "epochs": 5}))
     assert torch.equal(scale_parameters(model)[0], scale_before)
+    assert scale_parameters(model)[0].requires_grad  # frozen during stage 1 only
     assert len(result["history"]) == 5
     assert set(result["history"][0]["thresholds"]) == {n for n, m in model.named_modules() if isinstance(m, RNL)}
     assert result["best"]["acc"] > 50  # far above the 10% of chance after five short epochs
@@ -95,7 +96,8 @@ def test_stage2_trains_only_the_scale_and_lowers_omega(digits, tmp_path):
     assert result["kept"]["omega"] < result["base"]["omega"]
     assert result["kept"]["p"] < 0.95
     saved = list(tmp_path.glob("stage2_lam0.05_acc*_omega*.pt"))
-    assert result["kept"]["path"] in map(str, saved)
+    assert [str(p) for p in saved] == [result["kept"]["path"]]  # superseded files of the run are removed
+    assert sum(1 for h in result["history"][1:] if h["val_omega"] < result["base"]["omega"]) >= 1
 
 
 def test_guard_keeps_stage1_network_when_nothing_passes(digits):
