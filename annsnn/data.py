@@ -154,21 +154,50 @@ def load_image_folder(root: str | Path) -> tuple[tuple[torch.Tensor, ...], list[
     return (x_train, y_train, x_test, y_test), classes
 
 
-def load_arrays(path: str | Path) -> tuple[torch.Tensor, ...]:
-    """An ``.npz`` file with uint8 ``x_train``, ``x_test`` (``[N, H, W, C]`` or ``[N, H, W]``) and integer labels."""
+def load_arrays(path: str | Path) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
+    """An ``.npz`` of the train and test splits; returns ``((x_train, y_train, x_test, y_test), classes)``.
+
+    Two layouts are read: uint8 arrays ``x_train``, ``x_test`` (``[N, H, W, C]`` or ``[N, H, W]``) with
+    labels ``y_train``, ``y_test``; or encoded images, ``{split}_jpeg`` (all files' bytes concatenated),
+    ``{split}_offsets`` (``N + 1`` boundaries) and ``{split}_labels``, decoded here once with Pillow.
+    An optional ``classes`` array names the classes.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected an .npz with x_train, y_train, x_test, y_test")
     with np.load(path) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path} lacks {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, y_test")
-        out = []
-        for split in ("train", "test"):
-            x = torch.from_numpy(f[f"x_{split}"]).to(torch.uint8)
-            x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-            out += [x.contiguous(), torch.from_numpy(f[f"y_{split}"]).to(torch.int64)]
-    return tuple(out)
+        encoded = {"train_jpeg", "train_offsets", "train_labels", "test_jpeg", "test_offsets", "test_labels"}
+        if not encoded - set(f.files):
+            arrays = {}
+            for split in ("train", "test"):
+                arrays[f"x_{split}"] = _decode_blobs(f[f"{split}_jpeg"], f[f"{split}_offsets"])
+                arrays[f"y_{split}"] = f[f"{split}_labels"]
+        else:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+            if missing:
+                raise ValueError(f"{path} lacks {', '.join(sorted(missing))}; it needs x_train, y_train, x_test, "
+                                 "y_test (or {train,test}_jpeg, _offsets and _labels)")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    out = []
+    for split in ("train", "test"):
+        x = torch.from_numpy(np.ascontiguousarray(arrays[f"x_{split}"])).to(torch.uint8)
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        out += [x.contiguous(), torch.from_numpy(np.asarray(arrays[f"y_{split}"])).to(torch.int64)]
+    return tuple(out), classes
+
+
+def _decode_blobs(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Decode concatenated image files (``data[offsets[i]:offsets[i+1]]``) into one uint8 array."""
+    import io
+
+    from PIL import Image
+
+    images = []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        with Image.open(io.BytesIO(data[start:stop].tobytes())) as im:
+            images.append(np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB")))
+    return np.stack(images)
 
 
 def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: int = 0,
@@ -189,8 +218,8 @@ def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1
         info["source"] = "scikit-learn load_digits (8x8, 1797 images; fixed 20% test split)"
     elif name in ("mnist", "cifar10", "cifar100", "folder"):
         if root.suffix == ".npz":
-            x_train, y_train, x_test, y_test = load_arrays(root)
-            classes = [str(i) for i in range(int(y_train.max()) + 1)]
+            (x_train, y_train, x_test, y_test), classes = load_arrays(root)
+            classes = classes or [str(i) for i in range(int(y_train.max()) + 1)]
             info["source"] = f"arrays in {root}"
         elif name == "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
             (x_train, y_train, x_test, y_test), classes = load_image_folder(root)

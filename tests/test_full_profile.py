@@ -25,6 +25,31 @@ def test_arrays_loader(tmp_path):
     assert data.num_classes == 10 and data.mean == (0.4914, 0.4822, 0.4465)
 
 
+def test_encoded_images_loader(tmp_path):
+    """The layout of an offline copy of JPEG files: concatenated bytes, offsets, labels, class names."""
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    arrays, images = {"classes": np.array(["cat", "dog"])}, {}
+    for split, n in (("train", 6), ("test", 4)):
+        x = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+        blobs = []
+        for im in x:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="PNG")  # lossless, so the decoded pixels are checkable
+            blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+        arrays[f"{split}_jpeg"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
+        arrays[f"{split}_labels"] = np.arange(n) % 2
+        images[split] = x
+    np.savez(tmp_path / "enc.npz", **arrays)
+    data = load_dataset("cifar10", tmp_path / "enc.npz", val_fraction=0.0)
+    assert data.classes == ["cat", "dog"]
+    assert np.array_equal(data.test.x.permute(0, 2, 3, 1).numpy(), images["test"])
+    assert data.test.y.tolist() == [0, 1, 0, 1] and len(data.train) == 6
+
+
 def test_reproduce_full_profile_tiny(tmp_path, capsys):
     root = _tiny_cifar(tmp_path / "tiny.npz")
     out = tmp_path / "full"

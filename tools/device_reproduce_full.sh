@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The full-size reproduction (CIFAR-10, VGG-16) on one GPU, run from the repository root.
+#
+#   DATA=.cifar/cifar10_jpeg.npz OUT=/some/dir bash tools/device_reproduce_full.sh
+#
+# DATA is an .npz the package reads (encoded images with offsets, or uint8 arrays), a folder with
+# train/<class>/ and test/<class>/ images, or a folder with torchvision's CIFAR-10 files. NOTE says
+# which copy of the data it is; it is stored with every number. Writes OUT/full/ (checkpoints,
+# curves.json, curves.png) and OUT/reproduce.log; a second run continues where the first stopped.
+set -euo pipefail
+DATA=${DATA:-.cifar/cifar10_jpeg.npz}
+OUT=${OUT:-runs}
+NOTE=${NOTE:-"offline JPEG re-encoding of CIFAR-10 (pixels differ slightly from the original binaries)"}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -m annsnn reproduce --profile full --data-root "$DATA" --out "$OUT/full" --data-note "$NOTE" --quiet \
+  2>&1 | tee "$OUT/reproduce.log"
+cp "$OUT/full/curves.json" "$OUT/full/curves.png" "$OUT/" 2>/dev/null || true
