@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "reproduce" and distributed.launched():
             raise ValueError("reproduce runs in one process; under torchrun use train, tune and simulate")
-        distributed.init()
+        distributed.init(getattr(args, "device", None))
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"annsnn {args.command}: error: {e}", file=sys.stderr)

@@ -30,14 +30,16 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> bool:
+def init(device: str | None = None) -> bool:
     """Join the process group ``torchrun`` described in the environment; ``False`` if not under torchrun.
 
-    NCCL when CUDA is available (each process takes GPU ``LOCAL_RANK``), Gloo otherwise.
+    NCCL on CUDA (each process takes GPU ``LOCAL_RANK``), Gloo on CPU. ``device`` is the device the
+    command asked for (``--device``); without one, CUDA when available.
     """
     if not launched() or dist.is_initialized():
         return dist.is_initialized()
-    if torch.cuda.is_available():
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:

@@ -231,13 +231,19 @@ class StepSpikeCounter:
     def __init__(self, T: int) -> None:
         self.T = T
         self.t = 0
-        self.counts = torch.zeros(T, dtype=torch.float64)
+        self.counts: torch.Tensor | None = None  # int64 on the simulation's device: no host sync per call
 
     def __call__(self, module: nn.Module, inputs, out: torch.Tensor) -> None:
         steps = module.steps
+        if self.counts is None:
+            self.counts = torch.zeros(self.T, dtype=torch.int64, device=out.device)
         per_step = torch.count_nonzero(out.reshape(steps, -1), dim=1)  # spikes are 0 or amplitude: exact counts
-        self.counts[self.t:self.t + steps] += per_step.cpu().double()
+        self.counts[self.t:self.t + steps] += per_step
         self.t = (self.t + steps) % self.T
+
+    def totals(self) -> list[float]:
+        """Spikes at each step ``t = 1..T``, summed over images."""
+        return [0.0] * self.T if self.counts is None else self.counts.cpu().double().tolist()
 
 
 def spikes_over_time(snn: nn.Module, data, T: int, **sim) -> tuple:
@@ -257,7 +263,7 @@ def spikes_over_time(snn: nn.Module, data, T: int, **sim) -> tuple:
     finally:
         for h in handles:
             h.remove()
-    return result, {name: c.counts.tolist() for name, c in counters.items()}
+    return result, {name: c.totals() for name, c in counters.items()}
 
 
 def energy_curve(model: nn.Module, x: torch.Tensor | tuple[int, ...], counts: Mapping[str, list[float]],

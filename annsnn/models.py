@@ -66,6 +66,10 @@ class VGG(nn.Module):
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                  cfg: Sequence = VGG16_CFG, dropout: float = 0.5) -> None:
         super().__init__()
+        step = 2 ** list(cfg).count("A")
+        if image_size % step:
+            raise ValueError(f"VGG-16 needs images whose side is a multiple of {step}, got {image_size}x{image_size}; "
+                             "use --model small_cnn for small images")
         layers: list[nn.Module] = [Normalize(mean, std)]
         cin, side = in_channels, image_size
         for v in cfg:

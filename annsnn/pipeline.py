@@ -105,15 +105,40 @@ def check_compatible(payload: dict, data: Dataset, path: str | Path) -> None:
                          f"{data.name!r}; pass the --dataset it was trained on")
 
 
+def training_settings(prof: dict, stage: str) -> dict:
+    """The settings a checkpoint of ``stage`` ("stage1" or "stage2") depends on; stored in it and compared on reuse."""
+    keys = ["dataset", "model", "val_fraction", "limit", "stage1"] + (["stage2", "lams"] if stage == "stage2" else [])
+    return {k: prof.get(k) for k in keys}
+
+
+def check_settings(payload: dict, want: dict, path: str | Path) -> None:
+    """Raise if the checkpoint at ``path`` was made with other training settings than ``want``."""
+    got = payload["config"].get("settings")
+    if got is None:  # written by ``annsnn train``/``tune`` rather than by a profile: nothing to compare
+        return
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if differ:
+        raise ValueError(f"{path} was trained with other settings ({', '.join(differ)} differ); "
+                         "pass another --out, or delete that folder to train again")
+
+
 def run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool = True, device=None, progress: bool = True):
-    """Train (or reuse, or resume) a stage-1 network in ``out_dir``; returns ``(model, metrics)``."""
-    done = out_dir / "stage1.pt"
+    """Train (or reuse, or resume) a stage-1 network in ``out_dir``; returns ``(model, metrics)``.
+
+    A checkpoint made with other training settings (epochs, lambdas, data size, ...) is refused
+    rather than reused, so results are never labelled with settings they were not trained with.
+    """
+    settings = training_settings(prof, "stage1")
+    done, last = out_dir / "stage1.pt", out_dir / "stage1_last.pt"
     if done.exists():
         model, payload = load_model(done, device=device)
         check_compatible(payload, data, done)
+        check_settings(payload, settings, done)
         return model, payload["metrics"]
+    if last.exists():
+        check_settings(load_checkpoint(last), settings, last)
     config = {"model": model_config(prof["model"], data), "rnl": rnl, "dataset": data.info,
-              "profile": prof["profile"], "val_fraction": prof["val_fraction"]}
+              "profile": prof["profile"], "val_fraction": prof["val_fraction"], "settings": settings}
     torch.manual_seed(prof["stage1"].get("seed", 0))
     model = model_from_config(config["model"], rnl=rnl).to(device)
     cfg = Stage1Config(**prof["stage1"])
@@ -129,8 +154,10 @@ def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, pro
     stays within the tolerance. The choice is saved as ``out_dir/stage2.pt``.
     """
     chosen_path = out_dir / "stage2.pt"
+    settings = training_settings(prof, "stage2")
     if chosen_path.exists():
         tuned, payload = load_model(chosen_path, device=device)
+        check_settings(payload, settings, chosen_path)
         return tuned, payload["metrics"]
     runs, best = [], None
     for lam in prof["lams"]:
@@ -142,7 +169,8 @@ def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, pro
             best = (tuned, run)
     tuned, run = best
     metrics = {"chosen_lam": run["lam"], "kept": run["kept"], "runs": runs}
-    save_checkpoint(chosen_path, {"kind": "stage2", "config": _config_of(out_dir), "model": tuned.state_dict(),
+    config = {**_config_of(out_dir), "settings": settings}
+    save_checkpoint(chosen_path, {"kind": "stage2", "config": config, "model": tuned.state_dict(),
                                   "metrics": metrics})
     return tuned, metrics
 

@@ -121,7 +121,13 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 _FUNCTIONAL_RELUS = {F.relu, torch.relu, F.relu_, torch.relu_}
 _FUNCTIONAL_MAXPOOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d}
-_MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                  nn.AdaptiveMaxPool3d)
+# Non-linearities other than ReLU: an IF neuron's rate approximates a clipped ReLU, nothing else.
+_OTHER_ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                      nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus)
+_FUNCTIONAL_OTHERS = {F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+                      F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
 
 
 def check_convertible(model: nn.Module) -> None:
@@ -135,13 +141,29 @@ def check_convertible(model: nn.Module) -> None:
         if isinstance(m, _MAXPOOL_TYPES):
             raise ValueError(f"module {name!r} is {type(m).__name__}: max pooling breaks conversion; "
                              "use replace_relu(..., swap_maxpool=True) or build the model with AvgPool")
+        if isinstance(m, _OTHER_ACTIVATIONS):
+            raise ValueError(f"module {name!r} is {type(m).__name__}: only ReLU converts to IF neurons; "
+                             "use nn.ReLU there and retrain")
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # dynamic control flow: cannot look inside forward()
         warnings.warn(f"could not trace the model to look for functional ReLUs ({type(e).__name__}); "
                       "make sure every ReLU is an nn.ReLU module", stacklevel=2)
         return
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
     for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.ReLU, RNL)):
+            calls[node.target] = calls.get(node.target, 0) + 1
+            if calls[node.target] == 2:
+                raise ValueError(f"module {node.target!r} is applied more than once in forward(); each "
+                                 "place needs its own nn.ReLU, since each becomes a layer of neurons with "
+                                 "its own threshold and membrane")
+        if node.op == "call_function" and node.target in _FUNCTIONAL_OTHERS:
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()))[0] if stack else "<top level>"
+            raise ValueError(f"module {owner!r} applies {node.target.__name__} in forward(); only ReLU "
+                             "converts to IF neurons: use an nn.ReLU module there and retrain")
         functional_relu = (node.op == "call_function" and node.target in _FUNCTIONAL_RELUS) or (
             node.op == "call_method" and node.target in ("relu", "relu_"))
         functional_pool = node.op == "call_function" and node.target in _FUNCTIONAL_MAXPOOLS
@@ -154,23 +176,38 @@ def check_convertible(model: nn.Module) -> None:
             raise ValueError(f"module {owner!r} applies {what} in forward(); {fix}")
 
 
+def _average_pool_like(m: nn.Module) -> nn.Module | None:
+    """The average pooling with ``m``'s geometry if ``m`` is a max pooling module, else ``None``."""
+    if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        dims = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}[type(m)]
+        return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims](m.output_size)
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        if m.dilation not in (1, (1,), (1, 1), (1, 1, 1)):
+            raise ValueError(f"{type(m).__name__} with dilation {m.dilation} has no average-pooling twin; "
+                             "rebuild the model with AvgPool")
+        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
+        avg = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+        return avg(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
+    return None
+
+
 def replace_relu(model: nn.Module, shared: bool = True, p: float = 0.95, swap_maxpool: bool = False,
                  momentum: float = 0.1) -> nn.Module:
     """Replace every ``nn.ReLU`` of ``model`` (in place) by an :class:`RNL` and return the model.
 
     ``shared=True`` gives all RNLs one threshold scale (the paper's choice). With ``swap_maxpool=True``
-    each ``nn.MaxPool2d`` becomes an ``nn.AvgPool2d`` of the same geometry, with a warning that the
+    each max pooling module becomes the average pooling of the same geometry, with a warning that the
     weights were trained for max pooling and the model must be retrained.
     """
     if swap_maxpool:
         for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent.named_children()):
-                if isinstance(child, nn.MaxPool2d):
-                    setattr(parent, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
-                                                             ceil_mode=child.ceil_mode))
+                avg = _average_pool_like(child)
+                if avg is not None:
+                    setattr(parent, child_name, avg)
                     full = f"{parent_name}.{child_name}".lstrip(".")
-                    warnings.warn(f"replaced MaxPool2d {full!r} by AvgPool2d: retrain the model, "
-                                  "its weights were trained for max pooling", stacklevel=2)
+                    warnings.warn(f"replaced {type(child).__name__} {full!r} by {type(avg).__name__}: retrain "
+                                  "the model, its weights were trained for max pooling", stacklevel=2)
     check_convertible(model)
     scale = nn.Parameter(torch.tensor(logit(p))) if shared else None
     replaced = 0

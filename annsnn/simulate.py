@@ -115,7 +115,9 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     this); ``record_spikes`` counts spikes per layer. Nothing synchronises with the host inside the loop.
 
     ``engine``: ``"reference"`` (plain torch, any device), ``"fast"`` (fused Triton kernels in
-    ``dtype``; ``torch.float32`` gives the reference's spikes exactly), or ``"auto"`` (fast on CUDA).
+    ``dtype``; ``torch.float32`` gives the reference's spikes exactly; on a GPU only with TF32 off,
+    ``torch.backends.cudnn.allow_tf32 = False``, since cuDNN otherwise rounds float32 convolutions to TF32
+    in ways that differ between the two engines), or ``"auto"`` (fast on CUDA).
     ``cuda_graph`` replays each chunk of the fast engine as a CUDA graph.
     """
     if T <= 0:

@@ -165,10 +165,11 @@ def _rng_state(generator: torch.Generator) -> dict:
 
 
 def _set_rng_state(generator: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+    # RNG states must be CPU byte tensors; a checkpoint loaded with map_location="cuda" holds CUDA ones
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["data"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: Stage1Config, steps_per_epoch: int):
@@ -308,8 +309,9 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     mode; only ``scale`` receives gradients). The guard measures validation accuracy
     ``cfg.evals_per_epoch`` times per epoch: whenever it is within ``cfg.tol`` percentage points of
     the stage-1 network's and the validation Omega is the lowest so far, the network is kept and
-    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt`` (the file it supersedes in this run is
-    removed, so one file per lambda remains). ``model`` ends holding the kept network
+    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt``; every such file stays, so the folder holds
+    the accuracy-Omega trade-off, and an existing file is never overwritten. ``model`` ends holding the
+    kept network
     (the stage-1 network itself if nothing better passed the guard). Returns the history and choice.
     """
     cfg.check()
@@ -341,7 +343,6 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     shard = (distributed.rank(), distributed.world())
     progress = progress and distributed.is_main()
     step = 0
-    previous_path: Path | None = None
     epochs = range(cfg.epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -369,12 +370,10 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
                 kept_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if out_dir is not None:
                     path = out_dir / f"stage2_lam{cfg.lam:g}_acc{val['acc']:.2f}_omega{val['omega']:.4f}.pt"
-                    if distributed.is_main():
+                    # Never overwritten: a file of this name holds the same lambda, accuracy and Omega
+                    if distributed.is_main() and not path.exists():
                         save_checkpoint(path, {"kind": "stage2", "config": _full_config(config, cfg),
                                                "model": kept_state, "metrics": dict(kept)})
-                        if previous_path and previous_path != path:  # superseded by a lower Omega
-                            previous_path.unlink(missing_ok=True)
-                    previous_path = path
                     kept["path"] = str(path)
             if progress:
                 epochs.set_postfix(p=f"{entry['p']:.3f}", val=f"{val['acc']:.2f}%", omega=f"{val['omega']:.3f}")

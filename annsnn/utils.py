@@ -16,7 +16,10 @@ def device(name: str | None = None) -> torch.device:
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"{name!r} is not a device; use cpu, cuda or cuda:N") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

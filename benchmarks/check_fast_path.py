@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    # True float32 in both engines: TF32 convolutions and matmuls would round differently in each
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     T = args.T or (16 if args.smoke else 256)
     if args.checkpoint:
         from annsnn.data import load_dataset

@@ -24,6 +24,8 @@ from conftest import calibrate
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and kernels.triton is not None
 DEVICE = "cpu" if INTERPRETED or not ON_GPU else "cuda"
+torch.backends.cudnn.allow_tf32 = False  # on a GPU: float32 convolutions in float32, as on the CPU
+torch.backends.cuda.matmul.allow_tf32 = False
 interpreted = pytest.mark.skipif(not (INTERPRETED or ON_GPU),
                                  reason="runs in the TRITON_INTERPRET=1 subprocess (or on a GPU)")
 

@@ -98,6 +98,43 @@ def test_functional_maxpool_is_refused():
         check_convertible(nn.Sequential(nn.ReLU(), Pool()))
 
 
+def test_other_max_poolings_are_swapped_to_their_average_twins():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.MaxPool1d(2), nn.AdaptiveMaxPool1d(1))
+    with pytest.raises(ValueError, match="module '2' is MaxPool1d"):
+        replace_relu(model)
+    with pytest.warns(UserWarning, match="retrain"):
+        replace_relu(model, swap_maxpool=True)
+    assert isinstance(model[2], nn.AvgPool1d) and isinstance(model[3], nn.AdaptiveAvgPool1d)
+
+
+def test_a_relu_module_applied_twice_is_refused():
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc2(self.act(self.fc1(x))))
+
+    with pytest.raises(ValueError, match="'act' is applied more than once"):
+        replace_relu(Reused())
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU6(), nn.SiLU()])
+def test_other_activation_modules_are_refused(act):
+    with pytest.raises(ValueError, match=f"is {type(act).__name__}: only ReLU converts"):
+        replace_relu(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), act))
+
+
+def test_functional_other_activations_are_refused():
+    class Gelu(nn.Module):
+        def forward(self, x):
+            return F.gelu(x)
+
+    with pytest.raises(ValueError, match="applies gelu"):
+        replace_relu(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), Gelu()))
+
+
 def test_a_model_without_relu_is_refused():
     with pytest.raises(ValueError, match="no nn.ReLU"):
         replace_relu(nn.Sequential(nn.Linear(2, 2)))

@@ -19,6 +19,7 @@ def finalize(path: Path, execute: bool = True, timeout: int = 900) -> None:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
     for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # timestamps of the run: noise in the diff
         if cell.cell_type != "code":
             continue
         if TAG not in cell.metadata.get("tags", []):
