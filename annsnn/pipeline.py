@@ -129,14 +129,12 @@ def run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool = True, devic
     rather than reused, so results are never labelled with settings they were not trained with.
     """
     settings = training_settings(prof, "stage1")
-    done, last = out_dir / "stage1.pt", out_dir / "stage1_last.pt"
+    done = out_dir / "stage1.pt"
     if done.exists():
         model, payload = load_model(done, device=device)
         check_compatible(payload, data, done)
         check_settings(payload, settings, done)
         return model, payload["metrics"]
-    if last.exists():
-        check_settings(load_checkpoint(last), settings, last)
     config = {"model": model_config(prof["model"], data), "rnl": rnl, "dataset": data.info,
               "profile": prof["profile"], "val_fraction": prof["val_fraction"], "settings": settings}
     torch.manual_seed(prof["stage1"].get("seed", 0))

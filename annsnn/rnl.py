@@ -121,8 +121,11 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 _FUNCTIONAL_RELUS = {F.relu, torch.relu, F.relu_, torch.relu_}
 _FUNCTIONAL_MAXPOOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d}
-_MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                  nn.AdaptiveMaxPool3d)
+# Each max pooling module and the average pooling of the same geometry that replace_relu can swap in.
+_AVERAGE_TWIN = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d, nn.MaxPool3d: nn.AvgPool3d,
+                 nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool3d: nn.AdaptiveAvgPool3d}
+_MAXPOOL_TYPES = tuple(_AVERAGE_TWIN)
 # Non-linearities other than ReLU: an IF neuron's rate approximates a clipped ReLU, nothing else.
 _OTHER_ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                       nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus)
@@ -159,36 +162,34 @@ def check_convertible(model: nn.Module) -> None:
                 raise ValueError(f"module {node.target!r} is applied more than once in forward(); each "
                                  "place needs its own nn.ReLU, since each becomes a layer of neurons with "
                                  "its own threshold and membrane")
-        if node.op == "call_function" and node.target in _FUNCTIONAL_OTHERS:
-            stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()))[0] if stack else "<top level>"
-            raise ValueError(f"module {owner!r} applies {node.target.__name__} in forward(); only ReLU "
-                             "converts to IF neurons: use an nn.ReLU module there and retrain")
+        functional_other = node.op == "call_function" and node.target in _FUNCTIONAL_OTHERS
         functional_relu = (node.op == "call_function" and node.target in _FUNCTIONAL_RELUS) or (
             node.op == "call_method" and node.target in ("relu", "relu_"))
         functional_pool = node.op == "call_function" and node.target in _FUNCTIONAL_MAXPOOLS
-        if functional_relu or functional_pool:
-            stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()))[0] if stack else "<top level>"
-            what = "a functional ReLU" if functional_relu else "a functional max pooling"
-            fix = ("make it an nn.ReLU module so it can become a Rate Norm Layer" if functional_relu
-                   else "use nn.AvgPool2d")
-            raise ValueError(f"module {owner!r} applies {what} in forward(); {fix}")
+        if not (functional_other or functional_relu or functional_pool):
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else "<top level>"
+        if functional_other:
+            raise ValueError(f"module {owner!r} applies {node.target.__name__} in forward(); only ReLU "
+                             "converts to IF neurons: use an nn.ReLU module there and retrain")
+        what = "a functional ReLU" if functional_relu else "a functional max pooling"
+        fix = ("make it an nn.ReLU module so it can become a Rate Norm Layer" if functional_relu
+               else "use nn.AvgPool2d")
+        raise ValueError(f"module {owner!r} applies {what} in forward(); {fix}")
 
 
 def _average_pool_like(m: nn.Module) -> nn.Module | None:
     """The average pooling with ``m``'s geometry if ``m`` is a max pooling module, else ``None``."""
-    if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-        dims = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}[type(m)]
-        return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims](m.output_size)
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        if m.dilation not in (1, (1,), (1, 1), (1, 1, 1)):
-            raise ValueError(f"{type(m).__name__} with dilation {m.dilation} has no average-pooling twin; "
-                             "rebuild the model with AvgPool")
-        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
-        avg = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
-        return avg(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
-    return None
+    twin = _AVERAGE_TWIN.get(type(m))
+    if twin is None:
+        return None
+    if hasattr(m, "output_size"):  # adaptive pooling
+        return twin(m.output_size)
+    if m.dilation not in (1, (1,), (1, 1), (1, 1, 1)):
+        raise ValueError(f"{type(m).__name__} with dilation {m.dilation} has no average-pooling twin; "
+                         "rebuild the model with AvgPool")
+    return twin(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
 
 
 def replace_relu(model: nn.Module, shared: bool = True, p: float = 0.95, swap_maxpool: bool = False,

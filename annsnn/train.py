@@ -190,7 +190,8 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     step count and never compounds. After every epoch the validation accuracy and each layer's
     threshold are recorded; the weights with the best validation accuracy are saved as
     ``out_dir/stage1.pt`` and the full training state as ``out_dir/stage1_last.pt`` (both atomically).
-    With ``resume=True`` training continues from ``stage1_last.pt``. Returns the history and the best
+    With ``resume=True`` training continues from ``stage1_last.pt``, which must have been started with
+    the same stage-1 settings (and, from a profile, the same data settings). Returns the history and the best
     epoch; ``model`` ends holding the best weights. ``cfg.amp``, ``cfg.channels_last`` and
     ``cfg.compile`` speed up training on a GPU; under torchrun ``cfg.batch_size`` is the global batch.
     """
@@ -219,6 +220,11 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     start = 0
     if resume and last_path is not None and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
+        saved, now = state["config"], _full_config(config, cfg)
+        differ = sorted(k for k in ("stage1", "settings") if k in saved and k in now and saved[k] != now[k])
+        if differ:
+            raise ValueError(f"{last_path} was started with other settings ({', '.join(differ)} differ); "
+                             "continue it with the same settings, or choose another output folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

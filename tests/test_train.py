@@ -68,6 +68,22 @@ def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
     assert not list((tmp_path / "b").glob("*.tmp"))
 
 
+def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(digits, tmp_path):
+    data = _small(digits)
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_stage1(_model(digits), data, Stage1Config(**CFG), out_dir=tmp_path, on_epoch_end=stop_after_first)
+    before = (tmp_path / "stage1_last.pt").read_bytes()
+    longer = Stage1Config(**{**CFG, "epochs": CFG["epochs"] + 2})
+    with pytest.raises(ValueError, match=r"other settings \(stage1 differ\)"):
+        train_stage1(_model(digits), data, longer, out_dir=tmp_path, resume=True)
+    assert (tmp_path / "stage1_last.pt").read_bytes() == before
+
+
 def test_cosine_gradient_vanishes_with_a_self_target_but_not_with_a_frozen_teacher(digits):
     model = _model(digits).eval()
     x = digits.train.x[:64].float() / 255
