@@ -1,10 +1,15 @@
 """The full profile (CIFAR-10-shaped data, VGG-16) end to end at a tiny size on CPU."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from annsnn.cli import main
 from annsnn.data import load_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tiny_cifar(path, n_train=200, n_test=100):
@@ -50,12 +55,17 @@ def test_encoded_images_loader(tmp_path):
     assert data.test.y.tolist() == [0, 1, 0, 1] and len(data.train) == 6
 
 
-def test_reproduce_full_profile_tiny(tmp_path, capsys):
+def test_reproduce_full_profile_tiny(tmp_path):
+    """Through the script the GPU run uses (tools/device_reproduce_full.sh), at a tiny size on CPU."""
     root = _tiny_cifar(tmp_path / "tiny.npz")
+    env = {**os.environ, "DATA": str(root), "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "NOTE": "synthetic test data", "ARGS": "--epochs 2 --T 4 --device cpu"}
+    run = subprocess.run(["bash", str(ROOT / "tools" / "device_reproduce_full.sh")], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "full"
-    code = main(["reproduce", "--profile", "full", "--data-root", str(root), "--out", str(out), "--epochs", "2",
-                 "--T", "4", "--quiet", "--device", "cpu", "--data-note", "synthetic test data"])
-    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "curves.json").read_text() == (out / "curves.json").read_text()
+    assert "wrote" in (tmp_path / "reproduce.log").read_text()
     result = json.loads((out / "curves.json").read_text())
     assert result["settings"]["model"] == "vgg16" and result["settings"]["stage1"]["epochs"] == 2
     assert result["dataset"]["note"] == "synthetic test data" and result["dataset"]["train"] == 180

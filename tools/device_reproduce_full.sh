@@ -7,13 +7,17 @@
 # train/<class>/ and test/<class>/ images, or a folder with torchvision's CIFAR-10 files. NOTE says
 # which copy of the data it is; it is stored with every number. Writes OUT/full/ (checkpoints,
 # curves.json, curves.png) and OUT/reproduce.log; a second run continues where the first stopped.
+# ARGS adds options to `annsnn reproduce` (the tests run it tiny on a CPU with
+# ARGS="--epochs 2 --T 4 --device cpu"); PYTHON picks the interpreter (default python3).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 DATA=${DATA:-.cifar/cifar10_jpeg.npz}
 OUT=${OUT:-runs}
+PY=${PYTHON:-python3}
 NOTE=${NOTE:-"offline JPEG re-encoding of CIFAR-10 (pixels differ slightly from the original binaries)"}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -m annsnn reproduce --profile full --data-root "$DATA" --out "$OUT/full" --data-note "$NOTE" --quiet \
-  2>&1 | tee "$OUT/reproduce.log"
+$PY -m annsnn reproduce --profile full --data-root "$DATA" --out "$OUT/full" --data-note "$NOTE" --quiet \
+  ${ARGS:-} 2>&1 | tee "$OUT/reproduce.log"
 cp "$OUT/full/curves.json" "$OUT/full/curves.png" "$OUT/" 2>/dev/null || true
