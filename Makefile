@@ -1,30 +1,50 @@
 # Two commands do everything on a fresh machine:
 #   make book   build the HTML book, executing every chapter with CPU defaults (the quick profile)
 #   make test   run the unit tests and validate every chapter with nbval
-# Each creates .venv from requirements.txt if it is missing and installs annsnn in editable mode.
+# Each creates .venv if it is missing and installs requirements.txt under constraints.txt (the
+# versions everything was tested with), then annsnn in editable mode.
+# `make lock` refreshes constraints.txt from a fresh resolve of requirements.txt.
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install clean
+# The second instruction-set pass of CI: the chapters and tests that state exact numerical claims,
+# rerun with the plainest kernels of MKL, ATen and oneDNN, as an older CPU would run them.
+OLD_CPU := MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41
+EXACT   := tests/test_theory.py tests/test_theory_extra.py tests/test_convert_simulate.py tests/test_rnl.py \
+           tests/test_qcfs.py book/01_spiking_neurons.ipynb book/02_firing_rate.ipynb \
+           book/03_fit_curve.ipynb book/04_rate_norm_layer.ipynb
 
-$(STAMP): requirements.txt pyproject.toml
+.PHONY: book test test-old-cpu install lock clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install -c constraints.txt -r requirements.txt
 	$(PYTHON) -m pip install --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build . -W --keep-going
+	$(PYTHON) tools/build_book.py
 	@echo "open _build/html/index.html"
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests book --nbval-lax -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check the test paths in the Makefile" >&2; fi; \
 	exit $$rc
+
+test-old-cpu: $(STAMP)
+	$(OLD_CPU) $(PYTHON) -m pytest $(EXACT) --nbval-lax -q
+
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -r requirements.txt
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/python -m pip freeze --all --exclude-editable \
+	  | grep -v -E '^(pip|annsnn)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
+	@echo "constraints.txt refreshed: run 'make book' and 'make test', then commit it"
 
 clean:
 	rm -rf _build book/runs runs

@@ -208,9 +208,11 @@ def test_interpreted_bfloat16_fast_path_follows_the_reference(trained, digits):
     a = simulate(snn, data, T=24, chunk=12, batch_size=24, device=DEVICE, engine="reference")
     b = simulate(snn, data, T=24, chunk=12, batch_size=24, device=DEVICE, engine="fast")
     assert b.engine == "fast-bfloat16" and a.acc[-1] > 50
-    # bf16 rounding moves a few spikes, so an image near a decision boundary can flip at some t;
-    # a wrong bias, pool or threshold would move most of them
-    assert max(round(abs(p - q) * a.n / 100) for p, q in zip(a.acc, b.acc)) <= 3
+    # bf16 rounding moves a few spikes, so an image near a decision boundary can flip at some t, most
+    # often where the curve climbs steeply (up to 4 of 24 images at one step, in networks trained on
+    # other CPUs); a wrong bias, pool or threshold would move most of them at every step
+    flipped = [round(abs(p - q) * a.n / 100) for p, q in zip(a.acc, b.acc)]
+    assert max(flipped) <= 5 and sum(flipped) / len(flipped) <= 1.5 and flipped[-1] <= 2, flipped
 
 
 @interpreted

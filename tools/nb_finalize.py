@@ -1,23 +1,22 @@
 """Prepare chapters for committing: ``python tools/nb_finalize.py book/05_stage1.ipynb [...]``.
 
-Executes each notebook top to bottom (in its own folder, like nbval and the book build), then keeps
-the outputs of cells tagged ``nbval-check-output`` only, which is what nbval compares, and clears
-everything else. ``--strip`` skips the execution and only clears untagged outputs.
+Executes each notebook top to bottom (in its own folder, like nbval and the book build, and with the
+same executor as ``tools/build_book.py``), then keeps the outputs of cells tagged
+``nbval-check-output`` only, which is what nbval compares, and clears everything else. ``--strip``
+skips the execution and only clears untagged outputs.
 """
 import sys
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
+
+from build_book import execute
 
 TAG = "nbval-check-output"
 
 
-def finalize(path: Path, execute: bool = True, timeout: int = 900) -> None:
-    nb = nbformat.read(path, as_version=4)
-    if execute:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+def finalize(path: Path, run: bool = True, timeout: int = 900) -> None:
+    nb = execute(path.resolve(), cell_timeout=timeout) if run else nbformat.read(path, as_version=4)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)  # timestamps of the run: noise in the diff
         if cell.cell_type != "code":
@@ -37,4 +36,4 @@ if __name__ == "__main__":
     if not paths:
         raise SystemExit(__doc__)
     for p in paths:
-        finalize(p, execute=not strip)
+        finalize(p, run=not strip)

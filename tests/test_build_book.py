@@ -1,0 +1,108 @@
+"""The book's executor (tools/build_book.py): replies are never lost, and nothing waits for ever."""
+import asyncio
+import sys
+import time
+from pathlib import Path
+from queue import Empty
+
+import nbformat
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import build_book  # noqa: E402
+
+
+class LostWakeChannel:
+    """A kernel channel whose reply arrives 50 ms after the first wait begins. A wait that began
+    before the arrival is never woken (the edge was used up by a send on the same socket) and sits
+    until its timeout; a wait that begins after the arrival finds the reply at once."""
+
+    def __init__(self):
+        self.arrival = None
+
+    async def get_msg(self, timeout=None):
+        now = time.monotonic()
+        if self.arrival is None:
+            self.arrival = now + 0.05
+        if now >= self.arrival:
+            return {"msg_type": "execute_reply"}
+        await asyncio.sleep(3600 if timeout is None else timeout)
+        raise Empty
+
+
+def _wait(get_msg, timeout, limit):
+    async def run():
+        return await asyncio.wait_for(get_msg(timeout=timeout), limit)
+    return asyncio.run(run())
+
+
+def test_a_lost_wake_up_costs_the_plain_wait_its_whole_timeout():
+    with pytest.raises(asyncio.TimeoutError):      # the failure mode the executor exists for
+        _wait(LostWakeChannel().get_msg, timeout=30, limit=2)
+
+
+@pytest.mark.parametrize("timeout", [30, None])
+def test_sliced_polls_find_a_reply_whose_wake_up_was_lost(timeout):
+    start = time.monotonic()
+    assert _wait(build_book._sliced(LostWakeChannel().get_msg), timeout=timeout, limit=10) == {
+        "msg_type": "execute_reply"}
+    assert time.monotonic() - start < 5            # one slice late at most, not the 30 s timeout
+
+
+def test_sliced_polls_still_time_out():
+    class Silent:
+        async def get_msg(self, timeout=None):
+            await asyncio.sleep(timeout)
+            raise Empty
+
+    start = time.monotonic()
+    with pytest.raises(Empty):
+        _wait(build_book._sliced(Silent().get_msg), timeout=0.5, limit=10)
+    assert 0.5 <= time.monotonic() - start < 5
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_widget_cells_execute_and_keep_their_state(tmp_path):
+    # interactive() captures its output in an Output widget, which the executor answers on the
+    # shell channel while it waits for the reply there: the situation that used to hang.
+    cell = ("import ipywidgets as w\n"
+            "w.interactive(lambda x: print('x is', x), x=w.IntSlider(value={}, min=0, max=9))")
+    path = _notebook(tmp_path / "widgets.ipynb", *(cell.format(i) for i in range(6)))
+    nb = build_book.execute(path, cell_timeout=60, chapter_timeout=300)
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    captured = [m["state"]["outputs"] for m in state.values() if m["model_name"] == "OutputModel"]
+    assert sorted(o[0]["text"] for o in captured) == [f"x is {i}\n" for i in range(6)]
+    assert all("application/vnd.jupyter.widget-view+json" in c.outputs[0]["data"] for c in nb.cells)
+
+
+def test_a_stuck_cell_fails_in_bounded_time_naming_chapter_and_cell(tmp_path):
+    path = _notebook(tmp_path / "stuck.ipynb", "x = 1", "import time\ntime.sleep(600)", "y = 2")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"stuck\.ipynb, cell 1 \(code cell 2: 'import time'\): "
+                                           r"the cell did not finish within 3 s"):
+        build_book.execute(path, cell_timeout=3, chapter_timeout=300)
+    assert time.monotonic() - start < 60
+
+
+def test_a_chapter_that_runs_too_long_fails_naming_the_cell(tmp_path):
+    path = _notebook(tmp_path / "slow.ipynb", "import time", "for _ in range(600):\n    time.sleep(0.5)")
+    with pytest.raises(RuntimeError, match=r"slow\.ipynb, cell 1 .*did not finish within 4 s"):
+        build_book.execute(path, cell_timeout=600, chapter_timeout=4)
+
+
+def test_a_failing_cell_names_the_chapter_cell_and_error(tmp_path):
+    path = _notebook(tmp_path / "broken.ipynb", "a = 1", "assert a == 2, 'a is not 2'")
+    with pytest.raises(RuntimeError, match=r"broken\.ipynb, cell 1 .* raised AssertionError: a is not 2"):
+        build_book.execute(path, cell_timeout=60)
+
+
+def test_the_toc_lists_every_chapter_in_order():
+    files = build_book.toc_files()
+    assert files[0] == "book/intro" and files[1] == "book/01_spiking_neurons"
+    assert all((build_book.ROOT / f"{f}.ipynb").exists() or (build_book.ROOT / f"{f}.md").exists() for f in files)
