@@ -98,7 +98,8 @@ def execute(path: Path, cell_timeout: int = 600, chapter_timeout: int = 1200):
         return current["limit"]
 
     client = SlicedPollClient(nb, timeout=cell_timeout, timeout_func=timeout_for, kernel_name="python3",
-                              resources={"metadata": {"path": str(path.parent)}})
+                              resources={"metadata": {"path": str(path.parent)}},
+                              extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no transport notice
     client.on_cell_start = lambda cell, cell_index: current.__setitem__("index", cell_index)
     name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     try:
@@ -128,7 +129,7 @@ def toc_files(root: Path = ROOT) -> list[str]:
 
 
 def prepare_source() -> None:
-    """Copy the book's sources into ``_build/source`` with execution switched off."""
+    """Copy the book's sources (and the package, which pages include) into ``_build/source``, execution off."""
     if SOURCE.exists():
         shutil.rmtree(SOURCE)
     SOURCE.mkdir(parents=True)
@@ -136,8 +137,9 @@ def prepare_source() -> None:
     config.setdefault("execute", {})["execute_notebooks"] = "off"   # executed here, rendered there
     (SOURCE / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copy2(ROOT / "_toc.yml", SOURCE / "_toc.yml")
-    shutil.copytree(ROOT / "book", SOURCE / "book",
-                    ignore=shutil.ignore_patterns("runs", ".ipynb_checkpoints", "__pycache__"))
+    skip = shutil.ignore_patterns("runs", ".ipynb_checkpoints", "__pycache__")
+    shutil.copytree(ROOT / "book", SOURCE / "book", ignore=skip)
+    shutil.copytree(ROOT / "annsnn", SOURCE / "annsnn", ignore=skip)   # the appendix includes its source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     failures, start = [], time.monotonic()
     for i, path in enumerate(notebooks, 1):
         t0 = time.monotonic()
-        print(f"[{i}/{len(notebooks)}] executing {path.relative_to(ROOT)} ...", end="", flush=True)
+        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        print(f"[{i}/{len(notebooks)}] executing {name}", flush=True)
         try:
             nb = execute(path, cell_timeout, args.chapter_timeout)
         except RuntimeError as err:
-            print(" FAILED", flush=True)
+            print(f"[{i}/{len(notebooks)}] {name} FAILED after {time.monotonic() - t0:.1f} s", flush=True)
             failures.append(str(err))
             continue
-        print(f" {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"[{i}/{len(notebooks)}] {name} executed in {time.monotonic() - t0:.1f} s", flush=True)
         if not args.only:
             nbformat.write(nb, SOURCE / path.relative_to(ROOT))
     print(f"executed {len(notebooks) - len(failures)} of {len(notebooks)} notebooks in {time.monotonic() - start:.0f} s")
