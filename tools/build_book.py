@@ -71,6 +71,11 @@ class SlicedPollClient(NotebookClient):
         return kc
 
 
+def _shown(path: Path):
+    """``path`` relative to the repository when it lies inside it (as messages show it)."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def _where(nb, cell_index: int | None) -> str:
     if cell_index is None:
         return ""
@@ -101,7 +106,7 @@ def execute(path: Path, cell_timeout: int = 600, chapter_timeout: int = 1200):
                               resources={"metadata": {"path": str(path.parent)}},
                               extra_arguments=["--IPKernelApp.log_level=ERROR"])  # no transport notice
     client.on_cell_start = lambda cell, cell_index: current.__setitem__("index", cell_index)
-    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    name = _shown(path)
     try:
         return client.execute()
     except CellTimeoutError:
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     failures, start = [], time.monotonic()
     for i, path in enumerate(notebooks, 1):
         t0 = time.monotonic()
-        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        name = _shown(path)
         print(f"[{i}/{len(notebooks)}] executing {name}", flush=True)
         try:
             nb = execute(path, cell_timeout, args.chapter_timeout)
