@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=_non_negative, help="share of the training set held out for validation")
     p.add_argument("--relu", action="store_true", help="train a plain ReLU network (for the baselines)")
     p.add_argument("--out", help="output folder (default: runs/<profile>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="override the stage-1 epochs")
     p.add_argument("--T", type=_positive_int, help="override the number of time steps")
     p.add_argument("--limit", type=_positive_int, help="use only this many training and test images")
+    p.add_argument("--val-fraction", type=_non_negative, help="share of the training set held out for validation")
+    p.add_argument("--tol", type=_non_negative, help="stage-2 accuracy guard in percentage points of validation accuracy")
     p.add_argument("--data-note", help="what copy of the data this is, stored with the results")
     _common(p)
     return parser
@@ -143,7 +146,7 @@ def cmd_train(args) -> int:
     if (out / "stage1_last.pt").exists() and not args.resume:
         raise ValueError(f"{out / 'stage1_last.pt'} holds an interrupted run; pass --resume to continue it "
                          "or choose another --out")
-    prof = get_profile(args.profile, dataset=args.dataset, model=args.model,
+    prof = get_profile(args.profile, dataset=args.dataset, model=args.model, val_fraction=args.val_fraction,
                        stage1={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                                "compile": args.compile or None})
     dev = _device(args.device)
@@ -173,11 +176,13 @@ def cmd_tune(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     for lam in lams:
         run = train_stage2(copy.deepcopy(model), data, Stage2Config(lam=lam, **stage2), out_dir=out,
-                           config=payload["config"], device=dev, progress=not args.quiet)
+                           config=payload["config"], device=dev, progress=not args.quiet,
+                           base_checkpoint=args.checkpoint)
         kept = run["kept"]
         where = kept["path"] or "nothing passed the guard with a lower Omega; stage-1 network kept"
         _say(f"lambda={lam:g}: p={kept['p']:.4f}, validation accuracy {kept['val_acc']:.2f}% "
               f"(stage 1: {run['base']['acc']:.2f}%), Omega {kept['omega']:.4f} -> {where}")
+    _say(f"every accepted point: {out / 'stage2_points.json'}")
     return 0
 
 
@@ -219,7 +224,8 @@ def cmd_reproduce(args) -> int:
     from .pipeline import reproduce
 
     out = Path(args.out or f"runs/{args.profile}")
-    prof_overrides = {"T": args.T, "limit": args.limit, "stage1": {"epochs": args.epochs}}
+    prof_overrides = {"T": args.T, "limit": args.limit, "val_fraction": args.val_fraction,
+                      "stage1": {"epochs": args.epochs}, "stage2": {"tol": args.tol}}
     result = reproduce(args.profile, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
                        data_note=args.data_note, **prof_overrides)
     ann = result["ann_test_acc"]["rnl_stage2"]

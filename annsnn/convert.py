@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .rnl import RNL
-from .theory import _v0_fraction
+from .theory import if_step, v0_fraction
 
 
 class IFNeuron(nn.Module):
@@ -21,7 +21,7 @@ class IFNeuron(nn.Module):
 
     The input is the current of ``steps`` time steps merged into the batch, shape ``[steps * B, ...]``
     (time-major). The membrane potential ``v`` is kept between calls, so a long simulation can run in
-    chunks of time steps. At each step
+    chunks of time steps. Each step is :func:`annsnn.theory.if_step`,
 
     .. math:: v \leftarrow v + x_t, \quad s_t = [v \ge v_{th}], \quad v \leftarrow v - s_t\, v_{th},
 
@@ -48,9 +48,7 @@ class IFNeuron(nn.Module):
         v = torch.full_like(x_seq[0], self.v0) * v_th if self.v is None else self.v
         spikes = torch.empty_like(x_seq)
         for t in range(T):
-            v = v + x_seq[t]
-            s = (v >= v_th).to(x.dtype)
-            v = v - s * v_th
+            _, s, v = if_step(v, x_seq[t], v_th)  # the rule of chapter 1: integrate, fire, subtract
             spikes[t] = s
         self.v = v
         return (spikes * self.amplitude.to(x.dtype)).view_as(x)
@@ -125,7 +123,7 @@ def convert(model: nn.Module, v0: str | float = "zero", fold_bn: bool = True) ->
     Each RNL with threshold ``theta`` becomes ``IFNeuron(v_th=theta, v0, amplitude=1)``.
     ``v0='half'`` starts every membrane at ``theta / 2`` instead of 0.
     """
-    frac = _v0_fraction(v0)
+    frac = v0_fraction(v0)
     snn = copy.deepcopy(model).eval()
     rnls = {n: m for n, m in snn.named_modules() if isinstance(m, RNL)}
     if not rnls:

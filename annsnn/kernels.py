@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from .convert import IFNeuron, replace_modules
+from .theory import if_step
 
 try:
     import triton
@@ -68,9 +69,7 @@ def if_scan_reference(z: torch.Tensor, v: torch.Tensor, v_th: float, amplitude: 
         x = (x.view(z.shape[0], -1, bias.numel()) + bias).view(z.shape)
     out = torch.empty_like(z)
     for t in range(z.shape[0]):
-        v = v + x[t]
-        s = (v >= v_th).float()
-        v = v - s * v_th
+        _, s, v = if_step(v, x[t], v_th)  # the package's one IF rule
         out[t] = s * amplitude
     return out, v
 

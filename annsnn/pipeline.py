@@ -21,7 +21,7 @@ from .convert import convert
 from .data import Dataset, load_dataset
 from .simulate import simulate
 from .train import (Stage1Config, Stage2Config, evaluate, load_model, model_config, model_from_config,
-                    train_stage1, train_stage2)
+                    record_points, train_stage1, train_stage2)
 from .utils import load_checkpoint, save_checkpoint, write_json
 
 PROFILES: dict[str, dict] = {
@@ -69,28 +69,51 @@ def default_profile() -> str:
     return name
 
 
+class _Laps:
+    """Seconds per named step: each call records the time since the previous one (or since creation)."""
+
+    def __init__(self, timing: dict[str, float]) -> None:
+        self.timing, self.t = timing, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timing[name], self.t = round(now - self.t, 2), now
+
+
 def prepare(profile: str = "quick", out_dir: str | Path | None = None, data_root: str | Path = "data", device=None,
-            relu: bool = True, stage2: bool = True, progress: bool = False, **overrides) -> dict:
+            relu: bool = True, stage2: bool = True, progress: bool = False, data_note: str | None = None,
+            settings: dict | None = None, **overrides) -> dict:
     """Data and trained networks for a profile: load the checkpoints in ``out_dir`` if present, else train.
 
     Returns a dict with ``data``, ``profile`` (the settings), ``stage1`` (RNL network), and, if asked,
-    ``relu`` (plain ReLU twin) and ``stage2`` (network after the Rate Inference Loss), plus ``metrics``.
-    Chapters call this so that each can run alone and later ones reuse earlier training.
+    ``relu`` (plain ReLU twin) and ``stage2`` (network after the Rate Inference Loss), plus ``metrics``
+    and ``timing_s`` (seconds per step). Chapters call this so that each can run alone and later ones
+    reuse earlier training; :func:`reproduce` calls it too. ``data_note`` is stored with the dataset's
+    description (say which copy of the data was used). Profile settings are overridden by keyword
+    (``limit=100``) or by the dict ``settings``, which may also hold the ``stage1`` and ``stage2`` dicts.
     """
     from .utils import device as pick_device
 
-    prof = get_profile(profile, **overrides)
+    prof = get_profile(profile, **{**(settings or {}), **overrides})
     device = pick_device(device) if not isinstance(device, torch.device) else device
     out_dir = Path(out_dir or f"runs/{profile}")
+    timing: dict[str, float] = {}
+    lap = _Laps(timing)
     data = load_dataset(prof["dataset"], data_root, val_fraction=prof["val_fraction"], limit=prof.get("limit"))
-    out = {"data": data, "profile": prof, "device": device, "out_dir": out_dir, "metrics": {}}
+    if data_note:
+        data.info["note"] = data_note
+    lap("data")
+    out = {"data": data, "profile": prof, "device": device, "out_dir": out_dir, "metrics": {}, "timing_s": timing}
     out["stage1"], out["metrics"]["stage1"] = run_stage1(data, prof, out_dir, device=device, progress=progress)
+    lap("stage1")
     if relu:
         out["relu"], out["metrics"]["relu"] = run_stage1(data, prof, out_dir / "relu", rnl=False, device=device,
                                                          progress=progress)
+        lap("stage1_relu")
     if stage2:
         out["stage2"], out["metrics"]["stage2"] = run_stage2(out["stage1"], data, prof, out_dir, device=device,
                                                              progress=progress)
+        lap("stage2")
     return out
 
 
@@ -149,7 +172,9 @@ def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, pro
     """Stage 2 for every lambda of the profile; keeps the network with the lowest validation Omega.
 
     Every candidate already passed the accuracy guard, so the lowest Omega is the fastest network that
-    stays within the tolerance. The choice is saved as ``out_dir/stage2.pt``.
+    stays within the tolerance. The choice is saved as ``out_dir/stage2.pt``, the only stage-2 network
+    written in full; every accepted point of every lambda goes into ``out_dir/stage2_points.json``,
+    from which :func:`annsnn.train.load_point` rebuilds any of them in one call.
     """
     chosen_path = out_dir / "stage2.pt"
     settings = training_settings(prof, "stage2")
@@ -160,13 +185,14 @@ def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, pro
     runs, best = [], None
     for lam in prof["lams"]:
         tuned = copy.deepcopy(model)
-        run = train_stage2(tuned, data, Stage2Config(lam=lam, **prof["stage2"]), out_dir=out_dir,
-                           config=_config_of(out_dir), device=device, progress=progress)
-        runs.append({k: run[k] for k in ("lam", "base", "kept", "thresholds")})
+        run = train_stage2(tuned, data, Stage2Config(lam=lam, **prof["stage2"]), device=device, progress=progress)
+        runs.append(run)
         if best is None or run["kept"]["omega"] < best[1]["kept"]["omega"]:
             best = (tuned, run)
     tuned, run = best
-    metrics = {"chosen_lam": run["lam"], "kept": run["kept"], "runs": runs}
+    record_points(out_dir / "stage2_points.json", out_dir / "stage1.pt", runs, chosen=run["kept"]["name"])
+    metrics = {"chosen_lam": run["lam"], "kept": run["kept"],
+               "runs": [{k: r[k] for k in ("lam", "base", "kept", "thresholds")} for r in runs]}
     config = {**_config_of(out_dir), "settings": settings}
     save_checkpoint(chosen_path, {"kind": "stage2", "config": config, "model": tuned.state_dict(),
                                   "metrics": metrics})
@@ -202,31 +228,15 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
     ``data_note`` is stored with the dataset's description (say which copy of the data was used).
     """
     from .plots import plot_accuracy_curves
-    from .utils import device as pick_device
 
-    prof = get_profile(profile, **overrides)
-    device = pick_device(device) if not isinstance(device, torch.device) else device
-    out_dir = Path(out_dir)
     t_start = time.perf_counter()
-    timing: dict[str, float] = {}
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timing[name] = round(now - since, 2)
-        return now
-
-    t = time.perf_counter()
-    data = load_dataset(prof["dataset"], data_root, val_fraction=prof["val_fraction"], limit=prof.get("limit"))
-    if data_note:
-        data.info["note"] = data_note
-    t = lap("data", t)
-    model, m1 = run_stage1(data, prof, out_dir, rnl=True, device=device, progress=progress)
-    t = lap("stage1", t)
-    relu, _ = run_stage1(data, prof, out_dir / "relu", rnl=False, device=device, progress=progress)
-    t = lap("stage1_relu", t)
-    tuned, m2 = run_stage2(model, data, prof, out_dir, device=device, progress=progress)
-    t = lap("stage2", t)
-
+    prep = prepare(profile, out_dir, data_root, device, relu=True, stage2=True, progress=progress,
+                   data_note=data_note, settings=overrides)
+    data, prof, device, out_dir = prep["data"], prep["profile"], prep["device"], prep["out_dir"]
+    model, relu, tuned = prep["stage1"], prep["relu"], prep["stage2"]
+    m1, m2 = prep["metrics"]["stage1"], prep["metrics"]["stage2"]
+    timing = prep["timing_s"]
+    lap = _Laps(timing)
     sim = dict(T=prof["T"], batch_size=prof["sim_batch"], chunk=prof["chunk"], device=device, progress=progress)
     ann_acc = {"rnl_stage1": evaluate(model, data.test, device=device)["acc"],
                "rnl_stage2": evaluate(tuned, data.test, device=device)["acc"],
@@ -236,12 +246,12 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
         "RNL + RIL, v(0)=0": simulate(convert(tuned), data.test, **sim),
         "RNL + RIL, v(0)=theta/2": simulate(convert(tuned, v0="half"), data.test, **sim),
     }
-    t = lap("simulate_rnl", t)
+    lap("simulate_rnl")
     train_sub = data.train.subset(prof.get("calib_images", 5000))
     for label, pct in (("max-norm", 100.0), (f"robust-norm {prof['robust_percentile']:g}%", prof["robust_percentile"])):
         v_th = activation_thresholds(relu, train_sub, percentile=pct, device=device)
         curves[label] = simulate(convert_relu(relu, v_th), data.test, **sim)
-    lap("simulate_baselines", t)
+    lap("simulate_baselines")
     timing["total"] = round(time.perf_counter() - t_start, 2)
 
     result = {

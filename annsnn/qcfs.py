@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .convert import IFNeuron, fold_batchnorm, replace_modules
 from .rnl import RNL
-from .theory import _v0_fraction
+from .theory import v0_fraction
 
 
 class QCFS(nn.Module):
@@ -85,7 +85,7 @@ def convert_qcfs(model: nn.Module, v0: str | float = "half", fold_bn: bool = Tru
 
     ``v0='half'`` (the default, and the setting QCFS is derived for) starts every membrane at ``theta / 2``.
     """
-    frac = _v0_fraction(v0)
+    frac = v0_fraction(v0)
     snn = copy.deepcopy(model).eval()
     layers = qcfs_layers(snn)
     if not layers:

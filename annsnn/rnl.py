@@ -8,9 +8,12 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import distributed
 
 
 def logit(p: float) -> float:
@@ -60,7 +63,15 @@ class RNL(nn.Module):
 
     @torch.no_grad()
     def _update_max(self, x: torch.Tensor) -> None:
+        """Absorb the batch maximum of ``ReLU(x)`` into ``running_max``, on the device.
+
+        Under torchrun ``x`` is this process's share of the global batch, so the maximum is first
+        taken over all processes: every process then moves ``running_max`` exactly as a single
+        process seeing the whole batch would.
+        """
         batch_max = x.detach().amax().clamp_min(0).to(self.running_max.dtype)
+        if distributed.world() > 1:
+            dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
         ema = (1 - self.momentum) * self.running_max + self.momentum * batch_max
         self.running_max.copy_(torch.where(self.initialized, ema, batch_max))
         self.initialized.fill_(True)

@@ -23,6 +23,7 @@ from . import distributed
 from .convert import neurons, reset, set_steps
 from .data import Split, batches
 from .rnl import RNL
+from .utils import left_as_found
 
 ENGINES = ("auto", "reference", "fast")
 
@@ -113,6 +114,8 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     ``chunk`` is the number of time steps merged into one layer call. Pass the RNL network as ``ann``
     to also measure each layer's fit curve ``K(t)`` and ``Omega`` (the chapter on the fit curve uses
     this); ``record_spikes`` counts spikes per layer. Nothing synchronises with the host inside the loop.
+    ``snn`` and ``ann`` are left in the mode and on the device they came in (they run in eval mode on
+    ``device`` meanwhile), with every membrane reset.
 
     ``engine``: ``"reference"`` (plain torch, any device), ``"fast"`` (fused Triton kernels in
     ``dtype``; ``torch.float32`` gives the reference's spikes exactly; on a GPU only with TF32 off,
@@ -125,6 +128,14 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     device = torch.device(device) if device is not None else next(snn.buffers()).device
+    with left_as_found(snn, ann):  # the caller's modules keep their mode and device
+        return _simulate(snn, data, T, batch_size, device, chunk, ann, record_spikes, progress, engine, dtype,
+                         cuda_graph)
+
+
+def _simulate(snn: nn.Module, data: Split, T: int, batch_size: int, device: torch.device, chunk: int,
+              ann: nn.Module | None, record_spikes: bool, progress: bool, engine: str, dtype: torch.dtype,
+              cuda_graph: bool) -> SimResult:
     snn = snn.eval().to(device)
     engine = pick_engine(engine, device, per_layer=ann is not None or record_spikes)
     run, label = snn, "reference"
@@ -182,6 +193,7 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     finally:
         for h in handles:
             h.remove()
+        reset(snn)
     n = int(distributed.all_reduce_sum(torch.tensor(n, device=device)))
     distributed.all_reduce_sum(correct)
     for mon in monitors.values():

@@ -6,18 +6,27 @@ Inference Loss
 
 .. math:: \mathcal{L} = 1 - \cos\big(f_{\text{teacher}}(x), f(x)\big) + \lambda \,\overline{\Omega},
 
-where the teacher is a frozen copy of the stage-1 network. Chapters "Stage 1" and "Stage 2" of the
-book walk through both. Checkpoints are written atomically after every epoch and a run resumes
-where it stopped, ending with the same weights as an uninterrupted run (same seed, CPU).
+where the teacher is a frozen copy of the stage-1 network and :math:`\overline{\Omega}` the network
+Omega, the mean over layers of each layer's Omega (:class:`OmegaProbe`, :func:`annsnn.theory.omega`).
+Chapters "Stage 1" and "Stage 2" of the book walk through both. Stage-1 checkpoints are written
+atomically after every epoch and a run resumes where it stopped, ending with the same weights as an
+uninterrupted run (same seed, CPU). Stage 2 changes only the scale, so it records every accepted point
+as a row of a table and writes a full network only for the one it keeps (:func:`record_points`,
+:func:`load_point`). Both stages refuse a validation split that cannot select
+(:func:`check_validation_split`) and leave the caller's model with its mode, locks and frozen
+parameters as they found them.
 
 The step loops never wait on the device: data stays on it (``Split.to``), augmentation runs there,
 the loss is summed there, and thresholds and accuracy are read once per epoch. Under ``torchrun``
-both stages run in ``DistributedDataParallel`` (:mod:`annsnn.distributed`); only process 0 writes.
+both stages run in ``DistributedDataParallel`` (:mod:`annsnn.distributed`), with every batch statistic
+taken over the global batch; only process 0 writes.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +39,7 @@ from . import distributed
 from .data import Dataset, Split, batches
 from .models import build_model
 from .rnl import lock_max, rnl_layers, scale_parameters, thresholds
+from .theory import omega_ratio
 from .utils import load_checkpoint, save_checkpoint
 
 
@@ -107,54 +117,87 @@ def _autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str | None = None,
              with_omega: bool = False) -> dict[str, float]:
-    """Accuracy (percent) of ``model`` on ``split``; with ``with_omega``, also the mean Omega over layers and images.
+    """Accuracy (percent) of ``model`` on ``split``; with ``with_omega``, also the network Omega on it.
 
-    Under torchrun each process evaluates its share of the split and the counts are summed.
+    The network Omega is the mean over layers of each layer's Omega, pooled over the whole split
+    (:class:`OmegaProbe`). Under torchrun each process evaluates its share of the split and the sums
+    are added. The model's mode is restored.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
-    omega_sum = torch.zeros((), dtype=torch.float64, device=device)
-    with _OmegaProbe(model, enabled=with_omega) as probe:
-        for x, y in batches(distributed.shard_split(split), batch_size, device=device):
-            correct += (model(x).argmax(1) == y).sum()
-            if with_omega:
-                omega_sum += probe.mean_omega().double() * len(y)
-    model.train(was_training)
+    try:
+        with OmegaProbe(model, enabled=with_omega) as probe:
+            for x, y in batches(distributed.shard_split(split), batch_size, device=device):
+                correct += (model(x).argmax(1) == y).sum()
+                if with_omega:
+                    probe.batch_omega()  # adds this batch's sums to the probe's totals
+    finally:
+        model.train(was_training)
     distributed.all_reduce_sum(correct)
-    distributed.all_reduce_sum(omega_sum)
-    n = max(len(split), 1)
-    out = {"acc": float(correct) * 100 / n}
+    out = {"acc": float(correct) * 100 / max(len(split), 1)}
     if with_omega:
-        out["omega"] = float(omega_sum) / n
+        sums = probe.sums if probe.sums is not None else torch.zeros(2, len(probe.layers), dtype=torch.float64,
+                                                                      device=device)
+        out["omega"] = float(omega_ratio(*distributed.all_reduce_sum(sums.clone())).mean())
     return out
 
 
-class _OmegaProbe:
-    """Collects every RNL's output during a forward pass and averages Omega over layers and samples."""
+class OmegaProbe:
+    r"""Watches every RNL of ``model`` and gives the network Omega :math:`\overline{\Omega}`.
+
+    :math:`\overline{\Omega}` is the mean over layers of each layer's Omega, in which all of the layer's
+    neurons on all the images at hand are pooled (:func:`annsnn.theory.omega`; a silent layer counts 1).
+    Use it as a context manager around forward passes. :meth:`batch_omega` gives
+    :math:`\overline{\Omega}` of the last forward pass, differentiable in the threshold scale (the Rate
+    Inference Loss uses it); each call also adds that batch's sums to :attr:`sums`, so after several
+    batches :meth:`omega` is :math:`\overline{\Omega}` of all of them together (the guard uses it).
+    """
 
     def __init__(self, model: nn.Module, enabled: bool = True) -> None:
         self.layers = list(rnl_layers(model).values()) if enabled else []
         self.outputs: list[torch.Tensor] = []
+        self.sums: torch.Tensor | None = None  # [2, layers] float64: each layer's L1 norm and squared L2 norm
         self.handles = []
 
-    def __enter__(self) -> "_OmegaProbe":
-        self.handles = [m.register_forward_hook(lambda mod, i, out: self.outputs.append(out)) for m in self.layers]
+    def __enter__(self) -> "OmegaProbe":
+        self.handles = [m.register_forward_hook(self._record) for m in self.layers]
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
 
-    def mean_omega(self, eps: float = 1e-8) -> torch.Tensor:
-        """Mean over layers of the per-sample Omega; clears the collected outputs."""
-        per_layer = []
-        for r in self.outputs:
-            r = r.float().flatten(1)
-            per_layer.append((r.sum(1) / (r.pow(2).sum(1) + eps)).mean())
+    def _record(self, module: nn.Module, inputs, out: torch.Tensor) -> None:
+        self.outputs.append(out)
+
+    def batch_omega(self, global_batch: bool = False) -> torch.Tensor:
+        """The network Omega of the last forward pass (a 0-d tensor with its graph); clears the outputs.
+
+        With ``global_batch`` under torchrun, the sums are added over all processes first (with their
+        gradients), so the value is that of the global batch, as one process would compute it; every
+        process must then call it equally often (training does, evaluation of a shard does not).
+        """
+        if len(self.outputs) != len(self.layers):
+            raise RuntimeError(f"expected one output per RNL ({len(self.layers)}), got {len(self.outputs)}: "
+                               "call batch_omega() after every forward pass")
+        rates = [r.float() for r in self.outputs]
         self.outputs = []
-        return torch.stack(per_layer).mean()
+        l1 = torch.stack([r.sum() for r in rates])
+        l2 = torch.stack([r.pow(2).sum() for r in rates])
+        if global_batch and distributed.world() > 1:
+            l1, l2 = distributed.sum_over_processes(torch.stack([l1, l2]))
+        batch = torch.stack([l1.detach(), l2.detach()]).double()
+        self.sums = batch if self.sums is None else self.sums + batch
+        return omega_ratio(l1, l2).mean()
+
+    def omega(self) -> torch.Tensor:
+        """The network Omega of every batch seen so far, pooled (a 0-d float64 tensor)."""
+        if self.sums is None:
+            raise RuntimeError("no forward pass seen yet")
+        return omega_ratio(self.sums[0], self.sums[1]).mean()
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -192,99 +235,135 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     ``out_dir/stage1.pt`` and the full training state as ``out_dir/stage1_last.pt`` (both atomically).
     With ``resume=True`` training continues from ``stage1_last.pt``, which must have been started with
     the same stage-1 settings (and, from a profile, the same data settings). Returns the history and the best
-    epoch; ``model`` ends holding the best weights. ``cfg.amp``, ``cfg.channels_last`` and
-    ``cfg.compile`` speed up training on a GPU; under torchrun ``cfg.batch_size`` is the global batch.
+    epoch; ``model`` ends holding the best weights, on ``device``, with its scales' ``requires_grad`` as
+    before (also if training raises). ``cfg.amp``, ``cfg.channels_last`` and ``cfg.compile`` speed up
+    training on a GPU; under torchrun ``cfg.batch_size`` is the global batch.
+
+    The work is split in :class:`_Stage1Run`: setting up, resuming, one epoch, and the end of an epoch.
     """
     cfg.check()
+    check_validation_split(len(data.val))
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     out_dir = Path(out_dir) if out_dir is not None else None
     last_path = out_dir / "stage1_last.pt" if out_dir else None
     if last_path is not None and last_path.exists() and not resume:
         raise ValueError(f"{last_path} already exists; pass resume=True (--resume) to continue it, "
                          "or choose another output folder")
-    writes = out_dir is not None and distributed.is_main()
-    for p in scale_parameters(model):
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    history: list[dict] = []
-    best = {"acc": -1.0, "epoch": 0}
-    best_state = None
-    start = 0
-    if resume and last_path is not None and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        saved, now = state["config"], _full_config(config, cfg)
-        differ = sorted(k for k in ("stage1", "settings") if k in saved and k in now and saved[k] != now[k])
-        if differ:
-            raise ValueError(f"{last_path} was started with other settings ({', '.join(differ)} differ); "
-                             "continue it with the same settings, or choose another output folder")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(generator, state["rng"])
-        history, best, start = state["history"], state["best"], state["epoch"]
-        best_state = state["best_model"]
-    train_split, val_split = data.train.to(device), data.val.to(device)
-    net = distributed.wrap(model, device)  # the model itself in a single process
-    if cfg.compile:
-        net = torch.compile(net)
-    shard = (distributed.rank(), distributed.world())
-    progress = progress and distributed.is_main()
-    epochs = range(start, cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        epochs = tqdm(epochs, initial=start, total=cfg.epochs, desc="stage 1")
-    for epoch in epochs:
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches(train_split, cfg.batch_size, shuffle=True, generator=generator, aug=cfg.aug,
-                            drop_last=True, shard=shard):
-            if cfg.channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, cfg.amp):
-                loss = F.cross_entropy(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach()
-        distributed.broadcast_buffers(model)  # process 0's BatchNorm statistics and running maxima
-        loss_sum = distributed.all_reduce_sum(loss_sum) / distributed.world()
-        val = evaluate(model, val_split, device=device)
-        metrics = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch, "val_acc": val["acc"],
-                   "lr": optimizer.param_groups[0]["lr"], "thresholds": thresholds(model)}
-        history.append(metrics)
-        if val["acc"] > best["acc"]:
-            best = {"acc": val["acc"], "epoch": epoch + 1}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if progress:
-            epochs.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{val['acc']:.2f}%")
-            theta = " ".join(f"{v:.2f}" for v in metrics["thresholds"].values())
-            epochs.write(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}, val {val['acc']:.2f}%, thresholds {theta}")
-        if writes and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint(last_path, {
-                "kind": "stage1_last", "config": _full_config(config, cfg), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generator), "epoch": epoch + 1, "history": history, "best": best,
-                "best_model": best_state})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    for p in scale_parameters(model):  # frozen for stage 1 only
-        p.requires_grad_(True)
-    result = {"history": history, "best": best, "thresholds": thresholds(model)}
-    if writes:
-        save_checkpoint(out_dir / "stage1.pt", {"kind": "stage1", "config": _full_config(config, cfg),
+    full_config = _full_config(config, cfg)
+    scales = [(q, q.requires_grad) for q in scale_parameters(model)]
+    try:
+        for q, _ in scales:
+            q.requires_grad_(False)  # stage 1 does not train the threshold scale
+        with distributed.global_batchnorm(model):  # under torchrun, BatchNorm statistics of the global batch
+            run = _Stage1Run(model, data, cfg, device)
+            if resume and last_path is not None and last_path.exists():
+                run.resume(last_path, full_config)
+            epochs = range(run.start, cfg.epochs)
+            show = progress and distributed.is_main()
+            if show:
+                from tqdm.auto import tqdm
+                epochs = tqdm(epochs, initial=run.start, total=cfg.epochs, desc="stage 1")
+            for epoch in epochs:
+                loss = run.train_epoch()
+                metrics = run.end_epoch(epoch + 1, loss)
+                if show:
+                    theta = " ".join(f"{v:.2f}" for v in metrics["thresholds"].values())
+                    epochs.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{metrics['val_acc']:.2f}%")
+                    epochs.write(f"epoch {epoch + 1}: loss {metrics['loss']:.3f}, val {metrics['val_acc']:.2f}%, "
+                                 f"thresholds {theta}")
+                if last_path is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+                    run.save(last_path, full_config)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch + 1, metrics)
+    finally:
+        for q, flag in scales:
+            q.requires_grad_(flag)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    result = {"history": run.history, "best": run.best, "thresholds": thresholds(model)}
+    if out_dir is not None and distributed.is_main():
+        save_checkpoint(out_dir / "stage1.pt", {"kind": "stage1", "config": full_config,
                                                 "model": model.state_dict(), "metrics": result})
     return result
+
+
+class _Stage1Run:
+    """The state of one stage-1 run (optimizer, schedule, random generator, history, best weights), in steps."""
+
+    def __init__(self, model: nn.Module, data: Dataset, cfg: Stage1Config, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        model.to(device)
+        self.channels_last = cfg.channels_last and device.type == "cuda"
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        params = [q for q in model.parameters() if q.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = max(1, len(data.train) // cfg.batch_size)
+        self.scheduler = _schedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.history: list[dict] = []
+        self.best = {"acc": -1.0, "epoch": 0}
+        self.best_state: dict | None = None
+        self.start = 0
+        self.train_split, self.val_split = data.train.to(device), data.val.to(device)
+        self.net = distributed.wrap(model, device)  # the model itself in a single process
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def resume(self, path: Path, full_config: dict) -> None:
+        """Continue from the training state saved at ``path``, if it was started with the same settings."""
+        state = load_checkpoint(path, map_location=self.device)
+        saved = state["config"]
+        differ = sorted(k for k in ("stage1", "settings") if k in saved and k in full_config and saved[k] != full_config[k])
+        if differ:
+            raise ValueError(f"{path} was started with other settings ({', '.join(differ)} differ); "
+                             "continue it with the same settings, or choose another output folder")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(self.generator, state["rng"])
+        self.history, self.best, self.start = state["history"], state["best"], state["epoch"]
+        self.best_state = state["best_model"]
+
+    def train_epoch(self) -> torch.Tensor:
+        """One pass over the training split; returns the mean loss as a tensor on the device (no sync)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in batches(self.train_split, cfg.batch_size, shuffle=True, generator=self.generator, aug=cfg.aug,
+                            drop_last=True, shard=(distributed.rank(), distributed.world())):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(self.device, cfg.amp):
+                loss = F.cross_entropy(self.net(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.detach()
+        return distributed.all_reduce_sum(loss_sum) / (distributed.world() * self.steps_per_epoch)
+
+    def end_epoch(self, epoch: int, loss: torch.Tensor) -> dict:
+        """Validate, record the epoch, and remember the weights if they are the best so far."""
+        distributed.broadcast_buffers(self.model)  # already equal (global batch statistics); guards bit drift
+        val = evaluate(self.model, self.val_split, device=self.device)
+        metrics = {"epoch": epoch, "loss": float(loss), "val_acc": val["acc"],
+                   "lr": self.optimizer.param_groups[0]["lr"], "thresholds": thresholds(self.model)}
+        self.history.append(metrics)
+        if val["acc"] > self.best["acc"]:
+            self.best = {"acc": val["acc"], "epoch": epoch}
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return metrics
+
+    def save(self, path: Path, full_config: dict) -> None:
+        """Write the whole training state, so that a run can resume (process 0 only)."""
+        if distributed.is_main():
+            save_checkpoint(path, {
+                "kind": "stage1_last", "config": full_config, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.generator), "epoch": len(self.history), "history": self.history,
+                "best": self.best, "best_model": self.best_state})
 
 
 def _full_config(config: dict | None, cfg) -> dict:
@@ -293,58 +372,123 @@ def _full_config(config: dict | None, cfg) -> dict:
     return full
 
 
-def rate_inference_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mean_omega: torch.Tensor,
+def rate_inference_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, omega: torch.Tensor,
                         lam: float) -> torch.Tensor:
     r"""The Rate Inference Loss :math:`1 - \cos(f_{\text{teacher}}, f) + \lambda\,\overline{\Omega}`.
 
-    The cosine is taken per sample between the two networks' outputs and averaged over the batch.
+    The cosine is taken per sample between the two networks' outputs and averaged over the batch;
+    ``omega`` is the network Omega of the batch (:meth:`OmegaProbe.batch_omega`).
     The teacher must be a *frozen copy* of the stage-1 network: comparing the network with itself
     (as the authors' published code does) makes the cosine term identically 1 - 1 = 0 with zero
     gradient, so only the Omega term would act and nothing would hold accuracy.
     """
     cos = F.cosine_similarity(student_out.float(), teacher_out.float(), dim=1).mean()
-    return 1 - cos + lam * mean_omega
+    return 1 - cos + lam * omega
+
+
+def check_validation_split(n_val: int, tol: float | None = None) -> None:
+    """Refuse a validation split that cannot do its job.
+
+    Model selection needs at least one validation image. The stage-2 guard's tolerance of ``tol``
+    percentage points must be worth at least one image (one image is ``100 / n_val`` points), or the
+    guard cannot tell a network inside the tolerance from one outside it.
+    """
+    if n_val == 0:
+        raise ValueError("the validation split is empty, so nothing can be selected on it; "
+                         "use a val_fraction above 0 (the profiles use 0.1 or 0.2)")
+    if tol is not None and tol > 0 and tol * n_val / 100 < 1 - 1e-9:
+        raise ValueError(f"the validation split has {n_val} images, so one image is {100 / n_val:.3g} percentage "
+                         f"points, more than the guard's tolerance of {tol:g}; use a larger val_fraction "
+                         f"or a tolerance of at least {100 / n_val:.3g}")
+
+
+class _OnlyScaleTrains:
+    """Stage 2's setting, undone on exit: eval mode, running maxima locked, gradients for the scales only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> list[nn.Parameter]:
+        m = self.model
+        self.mode = m.training
+        self.grads = [(q, q.requires_grad) for q in m.parameters()]
+        self.locks = [(r, r.locked) for r in rnl_layers(m).values()]
+        m.eval()
+        lock_max(m, True)
+        for q in m.parameters():
+            q.requires_grad_(False)
+        scales = scale_parameters(m)
+        for q in scales:
+            q.requires_grad_(True)
+        return scales
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.mode)
+        for q, flag in self.grads:
+            q.requires_grad_(flag)
+        for r, flag in self.locks:
+            r.locked = flag
 
 
 def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: str | Path | None = None,
                  config: dict | None = None, device: torch.device | str | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, base_checkpoint: str | Path | None = None) -> dict:
     """Stage 2: train only the shared threshold scale with the Rate Inference Loss.
 
     The running maxima are locked and BatchNorm statistics stay frozen (the network runs in eval
-    mode; only ``scale`` receives gradients). The guard measures validation accuracy
-    ``cfg.evals_per_epoch`` times per epoch: whenever it is within ``cfg.tol`` percentage points of
-    the stage-1 network's and the validation Omega is the lowest so far, the network is kept and
-    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt``; every such file stays, so the folder holds
-    the accuracy-Omega trade-off, and an existing file is never overwritten. ``model`` ends holding the
-    kept network
-    (the stage-1 network itself if nothing better passed the guard). Returns the history and choice.
+    mode; only ``scale`` receives gradients). The guard measures validation accuracy and the network
+    Omega ``cfg.evals_per_epoch`` times per epoch. A check whose accuracy is within ``cfg.tol``
+    percentage points of the stage-1 network's is an *accepted point*; the accepted point with the
+    lowest Omega is *kept*, and ``model`` ends holding it (the stage-1 network itself if nothing
+    better passed the guard), on ``device``, with its mode, locks and ``requires_grad`` flags as before.
+
+    Returns the history of guard checks, the accepted points (each with the scale value that
+    rebuilds it from the stage-1 network) and the kept one. With ``out_dir``, the kept network is
+    saved as ``stage2_lam{lam}_acc{acc}_omega{omega}.pt`` (never overwritten) and the accepted points
+    are added to ``out_dir/stage2_points.json`` (:func:`record_points`), which needs
+    ``base_checkpoint``, the stage-1 checkpoint ``model`` was loaded from.
     """
     cfg.check()
+    check_validation_split(len(data.val), cfg.tol)
+    if out_dir is not None and base_checkpoint is None:
+        raise ValueError("train_stage2 with out_dir needs base_checkpoint, the stage-1 checkpoint the model came "
+                         "from, so that every recorded point can be rebuilt")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).eval()
+    model.to(device)
+    with _OnlyScaleTrains(model) as scales:
+        run = _stage2_loop(model, data, cfg, scales, device, progress)
+    if out_dir is not None and distributed.is_main():
+        kept = run["kept"]
+        if kept["step"] > 0:
+            path = Path(out_dir) / f"stage2_lam{cfg.lam:g}_acc{kept['val_acc']:.2f}_omega{kept['omega']:.4f}.pt"
+            if not path.exists():  # a file of this name holds the same lambda, accuracy and Omega
+                save_checkpoint(path, {"kind": "stage2", "config": _full_config(config, cfg),
+                                       "model": model.state_dict(), "metrics": dict(kept)})
+            kept["path"] = str(path)
+        record_points(Path(out_dir) / "stage2_points.json", base_checkpoint, [run])
+    return run
+
+
+def _stage2_loop(model: nn.Module, data: Dataset, cfg: Stage2Config, scales: list[nn.Parameter],
+                 device: torch.device, progress: bool) -> dict:
+    """The stage-2 steps and the guard; ``model`` is already in stage 2's setting (:class:`_OnlyScaleTrains`)."""
     teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    lock_max(model, True)
-    scales = scale_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in scales:
-        p.requires_grad_(True)
     # Plain SGD: the step follows the size of the gradient, so lambda sets where the cosine and Omega
     # terms balance. (Adam would move the single scale by about lr per step whatever lambda is.)
     optimizer = torch.optim.SGD(scales, lr=cfg.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(cfg.seed)
-    val_split = data.val.to(device)
-    base = evaluate(model, val_split, device=device, with_omega=True)
-    kept = {"step": 0, "val_acc": base["acc"], "omega": base["omega"], "p": _mean_p(model), "path": None}
-    kept_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    history = [{"step": 0, **{f"val_{k}": v for k, v in base.items()}, "p": kept["p"]}]
-    train_split = data.train.to(device)
+    val_split, train_split = data.val.to(device), data.train.to(device)
+
+    def check(step: int, loss: float | None) -> dict:
+        val = evaluate(model, val_split, device=device, with_omega=True)
+        return {"step": step, "loss": loss, "val_acc": val["acc"], "val_omega": val["omega"],
+                "p": _mean_p(model), "scales": [float(q.detach()) for q in scales]}
+
+    base = check(0, None)
+    history, points = [base], [base]
+    kept, kept_state = base, {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps_per_epoch = max(1, len(train_split) // cfg.batch_size)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-    out_dir = Path(out_dir) if out_dir is not None else None
     net = distributed.wrap(model, device)  # the model itself in a single process
     shard = (distributed.rank(), distributed.world())
     progress = progress and distributed.is_main()
@@ -358,36 +502,97 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
                             drop_last=True, shard=shard):
             with torch.no_grad():
                 target = teacher(x)
-            with _OmegaProbe(model) as probe:
+            with OmegaProbe(model) as probe:
                 out = net(x)
-            loss = rate_inference_loss(out, target, probe.mean_omega(), cfg.lam)
+                loss = rate_inference_loss(out, target, probe.batch_omega(global_batch=True), cfg.lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             if step % eval_every:
                 continue
-            val = evaluate(model, val_split, device=device, with_omega=True)
-            entry = {"step": step, "loss": float(loss.detach()), "val_acc": val["acc"], "val_omega": val["omega"],
-                     "p": _mean_p(model)}
+            entry = check(step, float(loss.detach()))
             history.append(entry)
-            if val["acc"] >= base["acc"] - cfg.tol and val["omega"] < kept["omega"]:
-                kept = {"step": step, "val_acc": val["acc"], "omega": val["omega"], "p": entry["p"], "path": None}
-                kept_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if out_dir is not None:
-                    path = out_dir / f"stage2_lam{cfg.lam:g}_acc{val['acc']:.2f}_omega{val['omega']:.4f}.pt"
-                    # Never overwritten: a file of this name holds the same lambda, accuracy and Omega
-                    if distributed.is_main() and not path.exists():
-                        save_checkpoint(path, {"kind": "stage2", "config": _full_config(config, cfg),
-                                               "model": kept_state, "metrics": dict(kept)})
-                    kept["path"] = str(path)
+            if entry["val_acc"] >= base["val_acc"] - cfg.tol:  # the guard
+                points.append(entry)
+                if entry["val_omega"] < kept["val_omega"]:
+                    kept, kept_state = entry, {k: v.detach().clone() for k, v in model.state_dict().items()}
             if progress:
-                epochs.set_postfix(p=f"{entry['p']:.3f}", val=f"{val['acc']:.2f}%", omega=f"{val['omega']:.3f}")
+                epochs.set_postfix(p=f"{entry['p']:.3f}", val=f"{entry['val_acc']:.2f}%",
+                                   omega=f"{entry['val_omega']:.3f}")
     model.load_state_dict(kept_state)
-    lock_max(model, False)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return {"lam": cfg.lam, "base": base, "kept": kept, "history": history, "thresholds": thresholds(model)}
+    for entry in points:
+        entry["name"] = point_name(cfg.lam, entry)
+    return {"lam": cfg.lam, "base": {"acc": base["val_acc"], "omega": base["val_omega"]},
+            "kept": {"step": kept["step"], "val_acc": kept["val_acc"], "omega": kept["val_omega"], "p": kept["p"],
+                     "name": kept["name"], "path": None},
+            "history": history, "points": points, "thresholds": thresholds(model)}
+
+
+def point_name(lam: float, entry: dict) -> str:
+    """The name of an accepted stage-2 point, the paper's ``lam_acc_Omega`` with the step to make it unique."""
+    return f"lam{lam:g}_step{entry['step']}_acc{entry['val_acc']:.2f}_omega{entry['val_omega']:.4f}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dict], chosen: str | None = None) -> Path:
+    """Add the accepted points of stage-2 ``runs`` to the JSON table ``table`` (atomically) and return its path.
+
+    Each point is a few numbers (lambda, step, scale, p, validation accuracy and Omega), so every
+    accepted point is kept without writing a network per point: :func:`load_point` rebuilds any of
+    them in one call from ``base_checkpoint`` (stored relative to the table, with its SHA-256) and
+    the point's scale. A run for a lambda already in the table replaces that lambda's points.
+    ``chosen`` names the point the caller picked, if any.
+    """
+    from .utils import write_json
+
+    table, base = Path(table), Path(base_checkpoint)
+    ref = {"path": os.path.relpath(base.resolve(), table.parent.resolve()), "sha256": _sha256(base)}
+    doc = {"stage1": ref, "points": [], "kept": {}, "chosen": None}
+    if table.exists():
+        doc = json.loads(table.read_text())
+        if doc["stage1"]["sha256"] != ref["sha256"]:
+            raise ValueError(f"{table} records points of another stage-1 network ({doc['stage1']['path']}); "
+                             "choose another output folder")
+    for run in runs:
+        doc["points"] = [q for q in doc["points"] if q["lam"] != run["lam"]]
+        doc["points"] += [{"lam": run["lam"], **{k: v for k, v in e.items() if k != "loss"}} for e in run["points"]]
+        doc["kept"][f"{run['lam']:g}"] = run["kept"]["name"]
+    if chosen is not None:
+        doc["chosen"] = chosen
+    return write_json(table, doc)
+
+
+def load_point(table: str | Path, name: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the stage-2 network of the point ``name`` recorded in ``table``; returns ``(model, point)``.
+
+    The network is the stage-1 network the table refers to with the point's threshold scale: stage 2
+    changes nothing else, so this is exactly the network the guard measured.
+    """
+    table = Path(table)
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} does not exist; stage 2 writes it (annsnn tune, annsnn reproduce)")
+    doc = json.loads(table.read_text())
+    point = next((q for q in doc["points"] if q["name"] == name), None)
+    if point is None:
+        raise ValueError(f"{table} has no point named {name!r}; its names are in the 'name' field of 'points'")
+    base = table.parent / doc["stage1"]["path"]
+    if not base.is_file() or _sha256(base) != doc["stage1"]["sha256"]:
+        raise ValueError(f"{table} was made from the stage-1 checkpoint {base}, which is missing or has changed")
+    model, _ = load_model(base, device=device)
+    with torch.no_grad():
+        for q, value in zip(scale_parameters(model), point["scales"]):
+            q.fill_(value)
+    return model, point
 
 
 def _mean_p(model: nn.Module) -> float:

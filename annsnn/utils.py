@@ -1,6 +1,7 @@
 """Small helpers shared by the whole package: device, seeding, atomic checkpoints."""
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import tempfile
@@ -31,25 +32,62 @@ def seed(value: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` with ``torch.save`` atomically: a temporary file in the same folder, then a rename.
+class left_as_found:
+    """Context manager: on exit, put each module back in the mode (train/eval) and on the device it had.
 
-    A reader never sees a half-written file, and an interrupted write leaves the old file intact.
+    For functions that must run a caller's module in eval mode or on another device without leaving
+    it changed. ``None`` entries are skipped; a module without parameters or buffers keeps its device.
+    """
+
+    def __init__(self, *modules: torch.nn.Module | None) -> None:
+        self.saved = []
+        for m in modules:
+            if m is not None:
+                first = next(itertools.chain(m.parameters(), m.buffers()), None)
+                self.saved.append((m, m.training, first.device if first is not None else None))
+
+    def __enter__(self) -> "left_as_found":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, training, dev in self.saved:
+            m.train(training)
+            if dev is not None:
+                m.to(dev)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: str | os.PathLike, write, mode: str) -> Path:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    A reader never sees a half-written file; if ``write`` raises (or the process is interrupted), the
+    temporary file is removed and an existing ``path`` is left intact.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions of an ordinary new file, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically (a temporary file in the same folder, then a rename)."""
+    return _write_atomically(path, lambda f: torch.save(payload, f), "wb")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -67,14 +105,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically (same scheme as :func:`save_checkpoint`)."""
+    """Write JSON atomically (same scheme as :func:`save_checkpoint`); nothing is left behind if ``data`` is not JSON."""
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=2) + "\n"  # fails here, before any file exists, if data is not JSON
+    return _write_atomically(path, lambda f: f.write(text), "w")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from annsnn.cli import main
 
@@ -48,6 +49,21 @@ def test_reproduce_quick_writes_plot_and_curve_and_conversion_loses_at_most_one_
     assert "RNL + RIL, v(0)=0" in result.stdout
 
 
+def test_reproduce_writes_a_handful_of_networks_and_a_table_of_every_stage2_point(quick_run):
+    from annsnn.train import load_point
+    out, _ = quick_run
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.pt"))
+    assert files == ["relu/stage1.pt", "relu/stage1_last.pt", "stage1.pt", "stage1_last.pt", "stage2.pt"]
+    stage2_bytes = sum(p.stat().st_size for p in out.glob("stage2*.pt"))
+    assert stage2_bytes <= 4 * (out / "stage1.pt").stat().st_size
+    table = json.loads((out / "stage2_points.json").read_text())
+    lams = json.loads((out / "curves.json").read_text())["settings"]["lams"]
+    assert sorted({q["lam"] for q in table["points"]}) == sorted(lams) and len(table["points"]) > len(lams)
+    model, point = load_point(out / "stage2_points.json", table["chosen"])  # the chosen network, in one call
+    chosen = torch.load(out / "stage2.pt", weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], chosen[k]) for k in chosen)
+
+
 def test_reproduce_again_reuses_checkpoints(quick_run, capsys):
     out, _ = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
@@ -69,6 +85,10 @@ def test_simulate_and_tune_from_checkpoints(quick_run, capsys, tmp_path):
     assert main(["tune", "--checkpoint", str(out / "stage1.pt"), "--lam", "0.01", "--epochs", "1",
                  "--out", str(tmp_path), "--quiet"]) == 0
     assert "lambda=0.01" in capsys.readouterr().out
+    table = json.loads((tmp_path / "stage2_points.json").read_text())
+    kept = next(q for q in table["points"] if q["name"] == table["kept"]["0.01"])
+    want = [] if kept["step"] == 0 else [f"stage2_lam0.01_acc{kept['val_acc']:.2f}_omega{kept['val_omega']:.4f}.pt"]
+    assert [p.name for p in tmp_path.glob("stage2_*.pt")] == want  # the kept network only, under the paper's name
 
 
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
@@ -78,6 +98,8 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
     _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "-3"], "must be a positive integer")
     _fails(capsys, ["tune", "--checkpoint", ck, "--lam", "-0.1"], "argument --lam: must be non-negative")
     _fails(capsys, ["train", "--model", "resnet50"], "argument --model: invalid choice")
+    _fails(capsys, ["train", "--val-fraction", "0", "--out", str(tmp_path / "v")], "validation split is empty")
+    assert not (tmp_path / "v").exists()
     _fails(capsys, ["train", "--dataset", "imagenet"], "argument --dataset: invalid choice")
     _fails(capsys, ["simulate", "--checkpoint", str(tmp_path / "none.pt")], "does not exist")
     bad = tmp_path / "bad.pt"
@@ -124,3 +146,18 @@ def test_console_script_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "annsnn", "simulate", "--checkpoint", str(tmp_path / "no.pt")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_reproduce_trains_through_prepare(monkeypatch):
+    """One sequence of training steps: reproduce() gets its networks from prepare(), as the chapters do."""
+    import annsnn.pipeline
+
+    class Called(Exception):
+        pass
+
+    def fake_prepare(*args, **kwargs):
+        raise Called
+
+    monkeypatch.setattr(annsnn.pipeline, "prepare", fake_prepare)
+    with pytest.raises(Called):
+        annsnn.pipeline.reproduce("quick", "unused", limit=10)

@@ -100,6 +100,14 @@ def test_simulate_curve_is_independent_of_chunk(small_rnl, digits):
     assert a.acc == b.acc and a.n == b.n == 64
 
 
+def test_simulate_leaves_the_callers_modules_as_it_found_them(small_rnl, digits):
+    snn = convert(small_rnl).train()  # a caller's module in training mode
+    ann = copy.deepcopy(small_rnl).train()
+    simulate(snn, digits.test.subset(16), T=4, ann=ann)
+    assert snn.training and ann.training
+    assert all(m.v is None for m in neurons(snn).values())  # no membrane left over from the last batch
+
+
 def test_first_layer_fit_curve_obeys_the_constant_input_bound(small_rnl, digits):
     """The first spiking layer is driven by constant input, so K(t) <= Omega/t (and /2t for v0=theta/2)."""
     data = digits.test.subset(64)

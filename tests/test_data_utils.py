@@ -90,3 +90,13 @@ def test_interrupted_save_keeps_the_old_file(tmp_path):
         save_checkpoint(path, {"model": {}, "config": {"v": Boom()}})
     assert load_checkpoint(path)["config"] == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_json_that_cannot_be_written_leaves_nothing_behind(tmp_path):
+    from annsnn.utils import write_json
+    path = tmp_path / "r.json"
+    write_json(path, {"acc": 1.0})
+    with pytest.raises(TypeError):
+        write_json(path, {"acc": object()})  # not JSON
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert path.read_text() == '{\n  "acc": 1.0\n}\n'

@@ -59,7 +59,7 @@ def test_reproduce_full_profile_tiny(tmp_path):
     """Through the script the GPU run uses (tools/device_reproduce_full.sh), at a tiny size on CPU."""
     root = _tiny_cifar(tmp_path / "tiny.npz")
     env = {**os.environ, "DATA": str(root), "OUT": str(tmp_path), "PYTHON": sys.executable,
-           "NOTE": "synthetic test data", "ARGS": "--epochs 2 --T 4 --device cpu"}
+           "NOTE": "synthetic test data", "ARGS": "--epochs 2 --T 4 --device cpu --tol 5"}  # 20 validation images: 5 points each
     run = subprocess.run(["bash", str(ROOT / "tools" / "device_reproduce_full.sh")], capture_output=True,
                          text=True, timeout=600, cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -57,3 +57,16 @@ def test_chapter_template(path):
     assert checked, "at least one cell tagged nbval-check-output with a deterministic result"
     for cell in checked:
         assert cell.get("outputs"), "a checked cell must be committed with the output nbval compares"
+
+
+def test_exercise_7_2_chooses_the_percentile_on_the_validation_split():
+    """Choosing a percentile is model selection: the stub, the check and the solution use data.val only."""
+    nb = json.loads((ROOT / "book" / "07_conversion.ipynb").read_text())
+    code = []  # code cells, and the code blocks of markdown cells (the solution)
+    for cell in nb["cells"]:
+        text = _source(cell)
+        code += [text] if cell["cell_type"] == "code" else re.findall(r"```python\n(.*?)```", text, re.S)
+    code = [text for text in code if "def robust_steps" in text]
+    assert len(code) == 2  # the stub with its check, and the solution
+    for text in code:
+        assert "data.val" in text and "data.test" not in text, text[:200]

@@ -68,3 +68,49 @@ def test_omega_at_least_one_and_one_for_binary():
 def test_rate_saturates_and_ignores_negative_input():
     assert if_rate_constant(torch.tensor([1.7]), 10).item() == 1.0
     assert if_rate_constant(torch.tensor([-0.5]), 10).item() == 0.0
+
+
+def test_a_silent_layer_has_omega_one_and_a_finite_gradient():
+    r = torch.zeros(4, 5, requires_grad=True)
+    value = omega(r)
+    value.backward()
+    assert value.item() == 1.0 and torch.isfinite(r.grad).all()
+    rows = torch.tensor([[0.5, 0.5], [0.0, 0.0]])  # one image fires, one is silent
+    assert omega(rows, dim=1).tolist() == [2.0, 1.0]  # the image Omega: one value per image
+    assert omega(rows).item() == 2.0  # the layer Omega pools the images; the silent one adds nothing
+
+
+def test_every_simulator_runs_the_one_if_rule(monkeypatch):
+    """theory.if_trace, simulate_if, convert.IFNeuron and the kernels' reference all step with theory.if_step."""
+    import importlib
+
+    from annsnn.convert import IFNeuron
+
+    theory, convert, kernels = (importlib.import_module(f"annsnn.{m}") for m in ("theory", "convert", "kernels"))
+
+    original, calls = theory.if_step, []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    for module in (theory, convert, kernels):
+        monkeypatch.setattr(module, "if_step", spy)
+    x = torch.rand(5, 3)
+    neuron = IFNeuron(0.5)
+    neuron.steps = 5
+    runs = {
+        "simulate_if": lambda: theory.simulate_if(x, 0.5),
+        "if_trace": lambda: theory.if_trace(x, 0.5),
+        "IFNeuron": lambda: neuron(x.reshape(15, 1)),
+        "if_scan_reference": lambda: kernels.if_scan_reference(x, torch.zeros(3), 0.5),
+    }
+    for name, run in runs.items():
+        calls.clear()
+        run()
+        assert len(calls) == 5, name  # one call per time step
+
+
+def test_v0_fraction_is_public():
+    from annsnn.theory import v0_fraction
+    assert v0_fraction("zero") == 0.0 and v0_fraction("half") == 0.5 and v0_fraction(0.25) == 0.25
