@@ -262,6 +262,7 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
         "curves": {label: r.acc for label, r in curves.items()},
         "engines": {label: r.engine for label, r in curves.items()},
         "steps_to": {label: {f"{x:g}": r.steps_to(x) for x in prof["targets"]} for label, r in curves.items()},
+        "settles_at": {label: r.settles_at(1.0) for label, r in curves.items()},  # within 1 point of its final accuracy
     }
     write_json(out_dir / "curves.json", result)
     refs = {f"RNL ANN {ann_acc['rnl_stage2']:.2f}%": ann_acc["rnl_stage2"]}

@@ -49,8 +49,33 @@ class SimResult:
         """First ``t`` at which accuracy reaches ``target`` percent (``None`` if never within ``T``)."""
         return next((t for t, a in enumerate(self.acc, 1) if a >= target), None)
 
+    def settles_at(self, within: float = 1.0, reference: float | None = None) -> int | None:
+        """First ``t`` from which accuracy stays within ``within`` points of ``reference`` up to ``T``.
+
+        ``reference`` is the accuracy at ``T`` by default (pass the ANN's accuracy to ask when the spiking
+        network settles near it); ``None`` if even step ``T`` is farther away. Unlike :meth:`steps_to`,
+        a curve that passes a target early and then falls back is not counted as fast.
+        """
+        return settles_at(self.acc, within, reference)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def settles_at(acc: list[float], within: float = 1.0, reference: float | None = None) -> int | None:
+    """First ``t`` (counting from 1) from which every ``acc[t - 1:]`` is within ``within`` of ``reference``.
+
+    ``reference`` defaults to the last accuracy; ``None`` if the last one is not within ``within`` of it.
+    """
+    if not acc:
+        return None
+    reference = acc[-1] if reference is None else reference
+    t = len(acc)
+    if abs(acc[-1] - reference) > within:
+        return None
+    while t > 1 and abs(acc[t - 2] - reference) <= within:
+        t -= 1
+    return t
 
 
 class _LayerMonitor:

@@ -48,14 +48,16 @@ def scale_sweep(model: nn.Module, data: Split, scales: Sequence[float], T: int =
     return sweep
 
 
-def sweep_table(sweep: dict[float, dict], target: float = 90.0) -> list[dict]:
-    r"""One row per scale: RNL accuracy, mean :math:`\Omega` over layers, steps to ``target`` percent, final accuracy."""
+def sweep_table(sweep: dict[float, dict], target: float = 90.0, within: float = 1.0) -> list[dict]:
+    r"""One row per scale: RNL accuracy, mean :math:`\Omega` over layers, steps to ``target`` percent, the step
+    from which accuracy stays within ``within`` points of its final value, and the final accuracy."""
     rows = []
     for p, entry in sweep.items():
         res: SimResult = entry["sim"]
         omegas = list(res.omega.values())
         rows.append({"p": p, "ann_acc": entry["ann_acc"], "mean_omega": sum(omegas) / max(len(omegas), 1),
-                     "steps_to_target": res.steps_to(target), "acc_T": res.acc[-1]})
+                     "steps_to_target": res.steps_to(target), "settles_at": res.settles_at(within),
+                     "acc_T": res.acc[-1]})
     return rows
 
 

@@ -171,3 +171,12 @@ def test_threshold_balancing_baselines(digits):
     assert layer.v_th.item() == pytest.approx(0.5 * vmax["3"]) and layer.amplitude.item() == layer.v_th.item()
     with pytest.raises(ValueError, match="do not match"):
         convert_relu(relu, {"x": 1.0})
+
+
+def test_settling_step_ignores_an_early_overshoot():
+    from annsnn.simulate import SimResult, settles_at
+    overshoot = SimResult(T=6, n=1, acc=[10.0, 95.0, 80.0, 84.0, 85.0, 85.0])
+    assert overshoot.steps_to(90.0) == 2  # the first crossing rewards the transient ...
+    assert overshoot.settles_at(1.0) == 4  # ... the settling step does not
+    assert overshoot.settles_at(1.0, reference=90.0) is None  # never within 1 point of 90
+    assert settles_at([50.0, 50.0]) == 1 and settles_at([]) is None

@@ -41,3 +41,11 @@ def test_this_environment_is_the_pinned_one():
         if installed != version:
             wrong[name] = (installed, version)
     assert not wrong, f"installed vs pinned {wrong}: run 'make install' (or 'make lock' to move the pins)"
+
+
+def test_license_and_citation_files():
+    root = Path(__file__).resolve().parent.parent
+    assert 'license = { text = "MIT" }' in (root / "pyproject.toml").read_text()
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    citation = (root / "CITATION.cff").read_text()
+    assert "license: MIT" in citation and "2105.11654" in citation and "Optimal ANN-SNN Conversion" in citation

@@ -70,3 +70,37 @@ def test_exercise_7_2_chooses_the_percentile_on_the_validation_split():
     assert len(code) == 2  # the stub with its check, and the solution
     for text in code:
         assert "data.val" in text and "data.test" not in text, text[:200]
+
+
+# Packages a chapter may import that Colab does not have, and the extra of annsnn that installs each.
+EXTRAS = {"spikingjelly": "spikingjelly"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_installs_what_the_chapter_imports(path):
+    nb = json.loads(path.read_text())
+    code = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "code")
+    imported = set(re.findall(r"^\s*(?:from|import)\s+(\w+)", code, re.M))
+    install = re.search(r'%pip install -q "annsnn(\[[\w,]+\])? @ git\+', code)
+    assert install, "no install cell"
+    extras = set((install.group(1) or "[]")[1:-1].split(",")) - {""}
+    for module, extra in EXTRAS.items():
+        assert (module in imported) == (extra in extras), f"imports {module}: install annsnn[{extra}]"
+
+
+def test_release_check_fails_until_the_repository_is_set(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    (tmp_path / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "set_repository.py", tmp_path / "tools")
+    shutil.copy(ROOT / "_config.yml", tmp_path)
+    shutil.copytree(ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("runs", "results", "*.md", "*.bib"))
+    tool = [sys.executable, str(tmp_path / "tools" / "set_repository.py")]
+    placeholder = "/OWNER/" in _repository_url()
+    first = subprocess.run(tool + ["--check"], capture_output=True, text=True)
+    assert first.returncode == (1 if placeholder else 0), first.stderr
+    subprocess.run(tool + ["https://github.com/someone/annsnn"], check=True, capture_output=True)
+    second = subprocess.run(tool + ["--check"], capture_output=True, text=True)
+    assert second.returncode == 0 and "someone/annsnn" in second.stdout
+    assert "git+https://github.com/someone/annsnn" in (tmp_path / "book" / "08_spikingjelly.ipynb").read_text()

@@ -2,6 +2,10 @@
 
 Rewrites the repository setting in ``_config.yml`` and the Colab badge and install cell of every
 chapter, so the one setting and the notebooks always agree (tests/test_notebooks.py checks).
+
+``python tools/set_repository.py --check`` (``make release-check``) is the release check: it fails
+while the setting still names the placeholder account ``OWNER``, because then every Colab badge and
+install cell points at a repository that does not exist. Run it before publishing; CI does not.
 """
 import json
 import re
@@ -34,7 +38,19 @@ def main(url: str) -> None:
     print(f"repository set to {url}")
 
 
+def check() -> int:
+    url = repository_url()
+    if "/OWNER/" in url + "/":
+        print(f"release check failed: _config.yml names the placeholder repository {url}; "
+              "run `python tools/set_repository.py https://github.com/ORG/REPO` first", file=sys.stderr)
+        return 1
+    print(f"release check passed: the book points at {url}")
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
+    if sys.argv[1] == "--check":
+        raise SystemExit(check())
     main(sys.argv[1])
