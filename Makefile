@@ -17,7 +17,7 @@ EXACT   := tests/test_theory.py tests/test_theory_extra.py tests/test_convert_si
            tests/test_qcfs.py book/01_spiking_neurons.ipynb book/02_firing_rate.ipynb \
            book/03_fit_curve.ipynb book/04_rate_norm_layer.ipynb
 
-.PHONY: book test test-old-cpu install lock clean release-check
+.PHONY: book test test-old-cpu install lock clean release-check student-edition
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -46,6 +46,10 @@ lock:
 	  | grep -v -E '^(pip|annsnn)=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 	@echo "constraints.txt refreshed: run 'make book' and 'make test', then commit it"
+
+# The chapters without their answers (_build/student/book) and the answers alone (_build/student/solutions).
+student-edition: $(STAMP)
+	$(PYTHON) tools/student_edition.py _build/student
 
 # Before publishing: fails while _config.yml still names the placeholder repository (not part of CI).
 release-check:
