@@ -117,7 +117,8 @@ def _autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str | None = None,
              with_omega: bool = False) -> dict[str, float]:
-    """Accuracy (percent) of ``model`` on ``split``; with ``with_omega``, also the network Omega on it.
+    """Accuracy (percent) and mean cross-entropy of ``model`` on ``split``; with ``with_omega``, also the
+    network Omega on it.
 
     The network Omega is the mean over layers of each layer's Omega, pooled over the whole split
     (:class:`OmegaProbe`). Under torchrun each process evaluates its share of the split and the sums
@@ -127,16 +128,21 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512, device: torc
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with OmegaProbe(model, enabled=with_omega) as probe:
             for x, y in batches(distributed.shard_split(split), batch_size, device=device):
-                correct += (model(x).argmax(1) == y).sum()
+                logits = model(x)
+                correct += (logits.argmax(1) == y).sum()
+                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
                 if with_omega:
                     probe.batch_omega()  # adds this batch's sums to the probe's totals
     finally:
         model.train(was_training)
     distributed.all_reduce_sum(correct)
-    out = {"acc": float(correct) * 100 / max(len(split), 1)}
+    distributed.all_reduce_sum(loss_sum)
+    n = max(len(split), 1)
+    out = {"acc": float(correct) * 100 / n, "loss": float(loss_sum) / n}
     if with_omega:
         sums = probe.sums if probe.sums is not None else torch.zeros(2, len(probe.layers), dtype=torch.float64,
                                                                       device=device)
@@ -231,7 +237,8 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
 
     The learning rate follows ``cfg.schedule`` per step (LambdaLR), so the schedule depends only on the
     step count and never compounds. After every epoch the validation accuracy and each layer's
-    threshold are recorded; the weights with the best validation accuracy are saved as
+    threshold are recorded; the weights with the best validation accuracy (ties broken by the lower
+    validation loss) are saved as
     ``out_dir/stage1.pt`` and the full training state as ``out_dir/stage1_last.pt`` (both atomically).
     With ``resume=True`` training continues from ``stage1_last.pt``, which must have been started with
     the same stage-1 settings (and, from a profile, the same data settings). Returns the history and the best
@@ -348,11 +355,13 @@ class _Stage1Run:
         """Validate, record the epoch, and remember the weights if they are the best so far."""
         distributed.broadcast_buffers(self.model)  # already equal (global batch statistics); guards bit drift
         val = evaluate(self.model, self.val_split, device=self.device)
-        metrics = {"epoch": epoch, "loss": float(loss), "val_acc": val["acc"],
+        metrics = {"epoch": epoch, "loss": float(loss), "val_acc": val["acc"], "val_loss": val["loss"],
                    "lr": self.optimizer.param_groups[0]["lr"], "thresholds": thresholds(self.model)}
         self.history.append(metrics)
-        if val["acc"] > self.best["acc"]:
-            self.best = {"acc": val["acc"], "epoch": epoch}
+        # Best validation accuracy; among equal accuracies (a small split saturates), the lower validation loss.
+        best_key = (self.best["acc"], -self.best.get("loss", math.inf))
+        if (val["acc"], -val["loss"]) > best_key:
+            self.best = {"acc": val["acc"], "loss": val["loss"], "epoch": epoch}
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return metrics
 

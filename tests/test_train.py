@@ -249,3 +249,13 @@ def test_bad_configs_are_refused():
         Stage2Config(lam=-1).check()
     with pytest.raises(ValueError, match="positive"):
         Stage1Config(epochs=0).check()
+
+
+def test_stage1_breaks_accuracy_ties_with_the_validation_loss(digits, monkeypatch):
+    import annsnn.train
+    scripted = iter([{"acc": 90.0, "loss": 0.5}, {"acc": 95.0, "loss": 0.3}, {"acc": 95.0, "loss": 0.2},
+                     {"acc": 95.0, "loss": 0.25}])
+    monkeypatch.setattr(annsnn.train, "evaluate", lambda *args, **kwargs: next(scripted))
+    result = train_stage1(_model(digits), _small(digits, 128), Stage1Config(**{**CFG, "epochs": 4}))
+    assert result["best"] == {"acc": 95.0, "loss": 0.2, "epoch": 3}
+    assert [h["val_loss"] for h in result["history"]] == [0.5, 0.3, 0.2, 0.25]
