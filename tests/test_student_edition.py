@@ -30,6 +30,7 @@ def test_the_edition_has_no_answers_and_keeps_every_code_cell(edition):
     out, counts = edition
     chapters = sorted((ROOT / "book").glob("*.ipynb"))
     assert sorted(counts) == [p.name for p in chapters] and sum(counts.values()) >= 20
+    assert not (out / "book" / "teacher.md").exists()  # the answer key stays with the teacher
     for original in chapters:
         student = out / "book" / original.name
         text = "\n".join(_text(c) for c in _cells(student))

@@ -5,7 +5,8 @@
 else changes, so the exercise stubs and their self-checks stay and the chapters still run (and pass
 nbval) as they are. ``OUT/solutions/`` gets one Markdown file per chapter with exactly the blocks that
 were taken out, for the teacher. The book's other files (references, stored results) are copied so
-that the edition can be opened, run or built on its own.
+that the edition can be opened, run or built on its own; the teacher page (``book/teacher.md``, with
+the answer key) is left out.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def write_edition(out: Path) -> dict[str, int]:
     book, solutions = out / "book", out / "solutions"
     if book.exists():
         shutil.rmtree(book)
-    shutil.copytree(ROOT / "book", book, ignore=shutil.ignore_patterns("runs", "*.ipynb", ".ipynb_checkpoints"))
+    # the teacher page holds the answer key, so it stays out of the student edition
+    shutil.copytree(ROOT / "book", book, ignore=shutil.ignore_patterns("runs", "*.ipynb", ".ipynb_checkpoints",
+                                                                       "teacher.md"))
     solutions.mkdir(parents=True, exist_ok=True)
     counts = {}
     for path in sorted((ROOT / "book").glob("*.ipynb")):
