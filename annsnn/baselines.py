@@ -31,6 +31,7 @@ import torch.nn as nn
 from .convert import IFNeuron, fold_batchnorm, replace_modules
 from .data import Split, batches
 from .theory import v0_fraction
+from .utils import left_as_found
 
 
 @torch.no_grad()
@@ -66,23 +67,15 @@ def activation_thresholds(model: nn.Module, data: Split, percentile: float = 100
     """
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must lie in (0, 100], got {percentile}")
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device) if device is not None else home
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
     if not relus:
         raise ValueError("the model has no nn.ReLU modules; threshold balancing needs a plain ReLU network")
-    modes = {m: m.training for m in model.modules()}  # restored at the end
     data = data.subset(max_images)
 
-    def values(out: torch.Tensor) -> torch.Tensor:
-        """The activations that take part in the statistic."""
-        flat = out.detach().float().flatten()
-        return flat[flat > 0] if nonzero else flat
-
     def run(hook) -> None:
-        """Run ``model`` on ``data`` with ``hook(name, values)`` called on every ReLU's output."""
-        handles = [m.register_forward_hook(lambda mod, inp, out, name=name: hook(name, values(out)))
+        """Run ``model`` on ``data`` with ``hook(name, activations)`` called on every ReLU's flat output."""
+        handles = [m.register_forward_hook(lambda mod, inp, out, name=name: hook(name, out.detach().float().flatten()))
                    for name, m in relus.items()]
         try:
             for x, _ in batches(data, batch_size, device=device):
@@ -91,39 +84,35 @@ def activation_thresholds(model: nn.Module, data: Split, percentile: float = 100
             for h in handles:
                 h.remove()
 
-    try:
+    with left_as_found(model):
         model.eval().to(device)
-        # pass 1: how many values each layer has, and the largest
-        count = {n: 0 for n in relus}
-        largest = {n: 0.0 for n in relus}
+        # pass 1, on the device: how many values each layer has, and the largest (ReLU outputs are >= 0)
+        count = {n: torch.zeros((), dtype=torch.long, device=device) for n in relus}
+        largest = {n: torch.zeros((), device=device) for n in relus}
 
-        def count_and_max(name, v):
-            count[name] += v.numel()
-            if v.numel():
-                largest[name] = max(largest[name], v.max().item())
+        def count_and_max(name, a):
+            count[name] += (a > 0).sum() if nonzero else a.numel()
+            largest[name] = torch.maximum(largest[name], a.max())
 
         run(count_and_max)
         if percentile == 100.0:
-            result = largest
+            values = torch.stack(list(largest.values()))
         else:
-            # pass 2: keep each layer's m = n - k + 1 largest values; the smallest kept one is the answer
+            # pass 2: keep each layer's m = n - k + 1 largest values; the smallest kept one is the answer.
+            # With nonzero=True these m values are all positive (m <= n positives), so no masking is needed.
             keep = {}
-            for name, n in count.items():
+            for name, n in zip(relus, torch.stack(list(count.values())).tolist()):
                 k = max(1, min(n, int(round(percentile / 100 * n))))
                 keep[name] = n - k + 1
             kept = {n: torch.empty(0, device=device) for n in relus}
 
-            def top_values(name, v):
-                both = torch.cat([kept[name], v])
+            def top_values(name, a):
+                both = torch.cat([kept[name], a])
                 kept[name] = torch.topk(both, min(keep[name], both.numel())).values
 
             run(top_values)
-            result = {n: kept[n].min().item() if kept[n].numel() else 0.0 for n in relus}
-    finally:
-        model.to(home)
-        for m, mode in modes.items():
-            m.training = mode
-    return {n: max(result[n], 1e-6) for n in relus}
+            values = torch.stack([kept[n].min() if kept[n].numel() else torch.zeros((), device=device) for n in relus])
+    return {n: max(v, 1e-6) for n, v in zip(relus, values.cpu().tolist())}
 
 
 def convert_relu(model: nn.Module, v_th: dict[str, float], scale: float = 1.0, v0: str | float = "zero",

@@ -40,7 +40,7 @@ from .data import Dataset, Split, batches
 from .models import build_model
 from .rnl import lock_max, rnl_layers, scale_parameters, thresholds
 from .theory import omega_ratio
-from .utils import load_checkpoint, save_checkpoint
+from .utils import left_as_found, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -419,7 +419,7 @@ class _OnlyScaleTrains:
 
     def __enter__(self) -> list[nn.Parameter]:
         m = self.model
-        self.mode = m.training
+        self.found = left_as_found(m)  # every submodule's mode (the device does not change here)
         self.grads = [(q, q.requires_grad) for q in m.parameters()]
         self.locks = [(r, r.locked) for r in rnl_layers(m).values()]
         m.eval()
@@ -432,7 +432,7 @@ class _OnlyScaleTrains:
         return scales
 
     def __exit__(self, *exc) -> None:
-        self.model.train(self.mode)
+        self.found.__exit__(*exc)
         for q, flag in self.grads:
             q.requires_grad_(flag)
         for r, flag in self.locks:

@@ -33,7 +33,8 @@ def seed(value: int = 0) -> torch.Generator:
 
 
 class left_as_found:
-    """Context manager: on exit, put each module back in the mode (train/eval) and on the device it had.
+    """Context manager: on exit, put each module (and each of its submodules) back in the mode (train/eval)
+    it had, and the module on the device it had.
 
     For functions that must run a caller's module in eval mode or on another device without leaving
     it changed. ``None`` entries are skipped; a module without parameters or buffers keeps its device.
@@ -44,14 +45,16 @@ class left_as_found:
         for m in modules:
             if m is not None:
                 first = next(itertools.chain(m.parameters(), m.buffers()), None)
-                self.saved.append((m, m.training, first.device if first is not None else None))
+                modes = {sub: sub.training for sub in m.modules()}  # each submodule's own mode
+                self.saved.append((m, modes, first.device if first is not None else None))
 
     def __enter__(self) -> "left_as_found":
         return self
 
     def __exit__(self, *exc) -> None:
-        for m, training, dev in self.saved:
-            m.train(training)
+        for m, modes, dev in self.saved:
+            for sub, training in modes.items():
+                sub.training = training
             if dev is not None:
                 m.to(dev)
 
