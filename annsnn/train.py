@@ -239,7 +239,8 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     step count and never compounds. After every epoch the validation accuracy and each layer's
     threshold are recorded; the weights with the best validation accuracy (ties broken by the lower
     validation loss) are saved as
-    ``out_dir/stage1.pt`` and the full training state as ``out_dir/stage1_last.pt`` (both atomically).
+    ``out_dir/stage1.pt`` when training ends; while it runs, the full training state is kept in
+    ``out_dir/stage1_last.pt`` (both written atomically), which is removed once ``stage1.pt`` is written.
     With ``resume=True`` training continues from ``stage1_last.pt``, which must have been started with
     the same stage-1 settings (and, from a profile, the same data settings). Returns the history and the best
     epoch; ``model`` ends holding the best weights, on ``device``, with its scales' ``requires_grad`` as
@@ -291,6 +292,7 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     if out_dir is not None and distributed.is_main():
         save_checkpoint(out_dir / "stage1.pt", {"kind": "stage1", "config": full_config,
                                                 "model": model.state_dict(), "metrics": result})
+        last_path.unlink(missing_ok=True)  # a finished run needs no resume state (three times the network's size)
     return result
 
 

@@ -33,10 +33,10 @@ def two_process_run(tmp_path_factory):
 
 def test_two_process_stage1_writes_one_checkpoint(two_process_run):
     out, result = two_process_run
-    assert sorted(p.name for p in out.iterdir()) == ["stage1.pt", "stage1_last.pt"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == ["stage1.pt"]  # no temporary files, no resume state left
     assert result.stdout.count("stage 1 done") == 1  # only process 0 prints
-    state = torch.load(out / "stage1_last.pt", weights_only=True)
-    assert state["epoch"] == 4 and len(state["history"]) == 4 and state["best"]["acc"] > 50
+    metrics = torch.load(out / "stage1.pt", weights_only=True)["metrics"]
+    assert len(metrics["history"]) == 4 and metrics["best"]["acc"] > 50
 
 
 def test_two_processes_give_the_same_accuracy_curve_as_one(two_process_run, tmp_path):
@@ -82,8 +82,11 @@ def test_single_process_helpers_are_no_ops():
 
 # --- statistics over the global batch: two processes train the network one process trains ---------------------
 
-def _stage1_last(out):
-    return torch.load(out / "stage1_last.pt", weights_only=True)
+def _stage1(out):
+    """The one-epoch run's weights and history (with one epoch, the kept weights are the last ones)."""
+    payload = torch.load(out / "stage1.pt", weights_only=True)
+    assert len(payload["metrics"]["history"]) == 1
+    return {"model": payload["model"], "history": payload["metrics"]["history"]}
 
 
 def test_two_processes_train_the_same_network_as_one(tmp_path):
@@ -104,7 +107,7 @@ def test_two_processes_train_the_same_network_as_one(tmp_path):
     args = ["train", "--profile", "quick", "--epochs", "1", "--device", "cpu", "--quiet", "--out"]
     _annsnn(*args, str(one))
     _annsnn(*args, str(two), processes=2)
-    a, b = _stage1_last(one), _stage1_last(two)
+    a, b = _stage1(one), _stage1(two)
     rtol = 1e-3
     maxima = [k for k in a["model"] if k.endswith("running_max")]
     assert len(maxima) == 9

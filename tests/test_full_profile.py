@@ -76,3 +76,4 @@ def test_reproduce_full_profile_tiny(tmp_path):
     for key in ("timing_s", "environment", "steps_to", "ann_test_acc"):
         assert key in result
     assert (out / "curves.png").exists() and (out / "stage2.pt").exists() and (out / "relu" / "stage1.pt").exists()
+    assert not list(out.rglob("*_last.pt"))  # resume states are deleted once a stage ends

@@ -64,6 +64,7 @@ def test_interrupted_run_resumes_to_the_same_weights(digits, tmp_path):
     train_stage1(resumed, data, Stage1Config(**CFG), out_dir=tmp_path / "b", resume=True, config=config)
     a, b = reference.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "stage1_last.pt").exists()  # a finished run keeps no resume state
     loaded, payload = load_model(tmp_path / "b" / "stage1.pt")
     assert all(torch.equal(loaded.state_dict()[k], a[k]) for k in a)
     with pytest.raises(ValueError, match="does not record its model"):
