@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=_non_negative, help="share of the training set held out for validation")
     p.add_argument("--tol", type=_non_negative, help="stage-2 accuracy guard in percentage points of validation accuracy")
     p.add_argument("--data-note", help="what copy of the data this is, stored with the results")
+    p.add_argument("--seed", type=int, default=0, help="seed of stage 1 (initialisation and data order of the RNL "
+                   "network and of the ReLU twin) and of stage 2 (data order); default 0")
     _common(p)
     return parser
 
@@ -225,7 +227,8 @@ def cmd_reproduce(args) -> int:
 
     out = Path(args.out or f"runs/{args.profile}")
     prof_overrides = {"T": args.T, "limit": args.limit, "val_fraction": args.val_fraction,
-                      "stage1": {"epochs": args.epochs}, "stage2": {"tol": args.tol}}
+                      "stage1": {"epochs": args.epochs, "seed": args.seed},
+                      "stage2": {"tol": args.tol, "seed": args.seed}}
     result = reproduce(args.profile, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
                        data_note=args.data_note, **prof_overrides)
     ann = result["ann_test_acc"]["rnl_stage2"]

@@ -121,6 +121,22 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
     assert (out / "curves.json").read_bytes() == curves  # the earlier run's results are untouched
 
 
+def test_reproduce_seed_is_recorded_and_another_seed_is_refused(capsys, quick_run):
+    from annsnn.pipeline import check_settings
+    out, _ = quick_run
+    curves = (out / "curves.json").read_bytes()
+    settings = json.loads(curves)["settings"]
+    assert settings["stage1"]["seed"] == settings["stage2"]["seed"] == 0  # --seed's default
+    _fails(capsys, ["reproduce", "--profile", "quick", "--out", str(out), "--seed", "1", "--quiet"],
+           "stage1.pt was trained with other settings (stage1 differ)")
+    assert (out / "curves.json").read_bytes() == curves
+    # a checkpoint written before the profiles named a seed was trained with seed 0, and is reused as such
+    old = {"config": {"settings": {"stage1": {"epochs": 30}, "stage2": {"tol": 1.5}}}}
+    check_settings(old, {"stage1": {"epochs": 30, "seed": 0}, "stage2": {"tol": 1.5, "seed": 0}}, "old.pt")
+    with pytest.raises(ValueError, match=r"other settings \(stage2 differ\)"):
+        check_settings(old, {"stage1": {"epochs": 30, "seed": 0}, "stage2": {"tol": 1.5, "seed": 3}}, "old.pt")
+
+
 def test_mismatched_checkpoint_is_refused(capsys, tmp_path, quick_run):
     """A checkpoint whose architecture differs from its recorded model is named as such."""
     import torch

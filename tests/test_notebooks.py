@@ -104,3 +104,30 @@ def test_release_check_fails_until_the_repository_is_set(tmp_path):
     second = subprocess.run(tool + ["--check"], capture_output=True, text=True)
     assert second.returncode == 0 and "someone/annsnn" in second.stdout
     assert "git+https://github.com/someone/annsnn" in (tmp_path / "book" / "08_spikingjelly.ipynb").read_text()
+
+
+# MyST syntax that Jupyter and Colab show as literal text; the chapters use forms that read the same there.
+LITERAL_IN_JUPYTER = {"{cite}": "a plain-text citation, '(Ding et al., 2021)'", "{eq}": "the equation's number, '(3.1)'",
+                      "{doc}": "a Markdown link to the chapter's .ipynb", ":::{": "<details> (answers) or plain Markdown",
+                      "```{bibliography}": "the generated list of tools/references.py"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_markup_reads_the_same_in_jupyter_and_colab(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = _source(cell)
+        for syntax, instead in LITERAL_IN_JUPYTER.items():
+            assert syntax not in text, f"{path.name} cell {i} uses {syntax}; use {instead}"
+        assert not re.search(r"^\$\$ *\(", text, re.M), f"{path.name} cell {i}: label an equation with \\tag{{N.k}}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_equations_are_numbered_chapter_dot_k_in_order(path):
+    nb = json.loads(path.read_text())
+    text = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    tags = re.findall(r"\\tag\{([\d.]+)\}", text)
+    chapter = int(path.name[:2])
+    assert tags == [f"{chapter}.{k}" for k in range(1, len(tags) + 1)], tags

@@ -34,9 +34,9 @@ def test_the_edition_has_no_answers_and_keeps_every_code_cell(edition):
     for original in chapters:
         student = out / "book" / original.name
         text = "\n".join(_text(c) for c in _cells(student))
-        assert "{dropdown} Solution" not in text and "{dropdown} Discussion" not in text, original.name
+        assert "<summary>Solution" not in text and "<summary>Discussion" not in text, original.name
         solutions = (out / "solutions" / f"{original.stem}.md").read_text()
-        assert solutions.count(":::{dropdown}") == counts[original.name]
+        assert solutions.count("<details>") == counts[original.name]
         for code in re.findall(r"```python\n(.*?)```", solutions, re.S):  # no solution code left anywhere
             assert code.strip() not in text, (original.name, code[:80])
         code_cells = lambda path: [_text(c) for c in _cells(path) if c["cell_type"] == "code"]  # noqa: E731
@@ -44,10 +44,11 @@ def test_the_edition_has_no_answers_and_keeps_every_code_cell(edition):
 
 
 def test_split_answers_keeps_the_text_around_a_block():
-    text = "before\n:::{dropdown} Solution to exercise 1\n```python\nx = 1\n```\n:::\n\n**Exercise 2.** after\n"
+    block = "<details>\n<summary>Solution to exercise 1.1</summary>\n\n```python\nx = 1\n```\n\n</details>\n"
+    text = "before\n" + block + "\n### Exercise 1.2: after\n"
     kept, answers = student_edition.split_answers(text)
-    assert answers == [":::{dropdown} Solution to exercise 1\n```python\nx = 1\n```\n:::\n"]
-    assert kept == "before\n" + student_edition.NOTE + "\n**Exercise 2.** after\n"
+    assert answers == [block]
+    assert kept == "before\n" + student_edition.NOTE + "\n### Exercise 1.2: after\n"
 
 
 def test_a_student_chapter_runs_under_nbval(edition):

@@ -1,7 +1,7 @@
 """Write a student edition of the book and a separate solutions copy: ``python tools/student_edition.py OUT``.
 
-``OUT/book/`` gets every chapter with the answers taken out: each ``:::{dropdown} Solution ...`` and
-``:::{dropdown} Discussion ...`` block of a markdown cell is replaced by a one-line note, and nothing
+``OUT/book/`` gets every chapter with the answers taken out: each ``<details>`` block of a markdown
+cell whose summary starts with "Solution" or "Discussion" is replaced by a one-line note, and nothing
 else changes, so the exercise stubs and their self-checks stay and the chapters still run (and pass
 nbval) as they are. ``OUT/solutions/`` gets one Markdown file per chapter with exactly the blocks that
 were taken out, for the teacher. The book's other files (references, stored results) are copied so
@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# A MyST dropdown whose title starts with Solution or Discussion, up to the ::: line that closes it.
-ANSWER = re.compile(r"^:::\{dropdown\} (?:Solution|Discussion)[^\n]*\n.*?^:::[ \t]*$\n?", re.M | re.S)
+# A collapsed block whose summary starts with Solution or Discussion, up to the line that closes it. The
+# chapters use HTML <details> rather than a MyST dropdown, so the answer stays folded in Jupyter and Colab too.
+ANSWER = re.compile(r"^<details>\s*<summary>(?:Solution|Discussion)[^\n]*\n.*?^</details>[ \t]*$\n?", re.M | re.S)
 NOTE = "*(The answer is in the solutions copy.)*\n"
 
 
