@@ -149,7 +149,9 @@ def check_convertible(model: nn.Module) -> None:
 
     A ReLU applied functionally (``F.relu``, ``torch.relu``, ``x.relu()``) cannot be replaced by a
     Rate Norm Layer, and max pooling of spikes is not the max of rates. Both are found by tracing the
-    model with ``torch.fx``; a model that cannot be traced only gets its MaxPool modules checked.
+    model with ``torch.fx``; so is a module created inside ``forward()`` (``nn.ReLU()(x)``), which no
+    replacement can reach. A model that cannot be traced for another reason (control flow that
+    depends on the data) only gets its modules checked, with a warning.
     """
     for name, m in model.named_modules():
         if isinstance(m, _MAXPOOL_TYPES):
@@ -161,6 +163,10 @@ def check_convertible(model: nn.Module) -> None:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # dynamic control flow: cannot look inside forward()
+        if isinstance(e, NameError) and "not installed as a submodule" in str(e):
+            raise ValueError("forward() calls a module that is not a submodule of the model (one created "
+                             "inside forward(), such as nn.ReLU()(x)); replace_relu cannot reach it: create "
+                             "it in __init__ and retrain") from e
         warnings.warn(f"could not trace the model to look for functional ReLUs ({type(e).__name__}); "
                       "make sure every ReLU is an nn.ReLU module", stacklevel=2)
         return

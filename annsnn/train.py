@@ -390,8 +390,9 @@ def rate_inference_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, om
     The cosine is taken per sample between the two networks' outputs and averaged over the batch;
     ``omega`` is the network Omega of the batch (:meth:`OmegaProbe.batch_omega`).
     The teacher must be a *frozen copy* of the stage-1 network: comparing the network with itself
-    (as the authors' published code does) makes the cosine term identically 1 - 1 = 0 with zero
-    gradient, so only the Omega term would act and nothing would hold accuracy.
+    (as the authors' published code does) makes the cosine term 1 - 1 = 0 with zero gradient (exactly
+    in their ``tutorial.py``; up to dropout noise in ``fast_train.py``), so only the Omega term would
+    act and nothing would hold accuracy.
     """
     cos = F.cosine_similarity(student_out.float(), teacher_out.float(), dim=1).mean()
     return 1 - cos + lam * omega

@@ -3,7 +3,8 @@
     python benchmarks/bench_train.py --out train.json          # VGG-16, 50,000 32x32 images (a GPU)
     python benchmarks/bench_train.py --smoke --out train.json  # a tiny network on CPU, seconds
 
-* ``dataloader``: the published code's way: a torch ``DataLoader`` over a ``Dataset`` that pads, crops
+* ``dataloader``: the usual way (the published code's loader, plus the augmentation annsnn's loop does, so
+  that both do the same work): a torch ``DataLoader`` over a ``Dataset`` that pads, crops
   and flips one image at a time on the CPU, batch 50, float32, ``num_workers=0``, and a host sync in
   every Rate Norm Layer (reading the batch maximum with ``.item()``); timed over ``--steps`` steps;
 * ``annsnn``: :func:`annsnn.train.train_stage1` with the data on the device, augmentation there, bf16

@@ -106,3 +106,41 @@ def test_the_toc_lists_every_chapter_in_order():
     files = build_book.toc_files()
     assert files[0] == "book/intro" and files[1] == "book/01_spiking_neurons"
     assert all((build_book.ROOT / f"{f}.ipynb").exists() or (build_book.ROOT / f"{f}.md").exists() for f in files)
+
+
+def _offline_assets():
+    """The book's Sphinx extension book/_ext/offline_assets.py, loaded as Jupyter Book loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("offline_assets", build_book.ROOT / "book" / "_ext" / "offline_assets.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
+
+
+def test_mathjax_is_served_from_the_build_itself(tmp_path):
+    """The HTML pages load MathJax from _static/mathjax, copied from the pinned package, not from a CDN."""
+    import types
+
+    ext = _offline_assets()
+    config = types.SimpleNamespace(mathjax_path="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js")
+    ext._config_inited(None, config)
+    assert config.mathjax_path == "mathjax/tex-mml-chtml.js" and "://" not in config.mathjax_path
+    app = types.SimpleNamespace(outdir=str(tmp_path), builder=types.SimpleNamespace(format="html"))
+    ext._copy(app, None)
+    out = tmp_path / "_static" / "mathjax"
+    assert (out / "tex-mml-chtml.js").stat().st_size > 500_000 and (out / "LICENSE").exists()
+    fonts = list((out / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert len(fonts) > 10  # the CommonHTML fonts the pages use
+    assert "cdn.jsdelivr" not in (out / "tex-mml-chtml.js").read_text()[:2000]
+
+
+def test_duplicate_inline_scripts_are_dropped():
+    import types
+
+    ext = _offline_assets()
+    js = lambda name, **attrs: types.SimpleNamespace(filename=name, attributes=attrs)  # noqa: E731
+    scripts = [js("a.js"), js(None, body="const X = 1"), js("", body="const X = 1"), js("a.js", defer="defer")]
+    context = {"script_files": scripts}
+    ext._dedupe_scripts(None, "p", "t", context, None)
+    assert [s.filename for s in context["script_files"]] == ["a.js", None, "a.js"]

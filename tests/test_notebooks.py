@@ -23,6 +23,11 @@ def _source(cell) -> str:
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
+def _cells(path: Path, kind: str):
+    """(index, cell) for every cell of the given type ("code" or "markdown") of a notebook."""
+    return [(i, c) for i, c in enumerate(json.loads(path.read_text())["cells"]) if c["cell_type"] == kind]
+
+
 def test_every_chapter_is_in_the_toc_and_every_toc_entry_exists():
     toc = _toc_files()
     for nb in NOTEBOOKS:
@@ -33,10 +38,7 @@ def test_every_chapter_is_in_the_toc_and_every_toc_entry_exists():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_without_outputs_except_checked_cells(path):
-    nb = json.loads(path.read_text())
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "code":
-            continue
+    for i, cell in _cells(path, "code"):
         tags = cell.get("metadata", {}).get("tags", [])
         if "nbval-check-output" not in tags:
             assert not cell.get("outputs"), f"{path.name} cell {i} has outputs but is not tagged nbval-check-output"
@@ -49,7 +51,7 @@ def test_chapter_template(path):
     text = "\n".join(_source(c) for c in nb["cells"])
     url = _repository_url()
     repo = url.removeprefix("https://github.com/")
-    assert f"colab.research.google.com/github/{repo}/blob/main/book/{path.name}" in text, "Colab badge"
+    assert f"colab.research.google.com/github/{repo}/blob/main/book/{path.name}" in text, "Colab link"
     assert f"git+{url}" in text and "google.colab" in text, "install cell that runs on Colab only"
     for heading in ("Summary", "Exercises", "References"):
         assert re.search(rf"^#+ .*{heading}", text, re.M), f"missing a '{heading}' section"
@@ -114,10 +116,7 @@ LITERAL_IN_JUPYTER = {"{cite}": "a plain-text citation, '(Ding et al., 2021)'", 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_markup_reads_the_same_in_jupyter_and_colab(path):
-    nb = json.loads(path.read_text())
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "markdown":
-            continue
+    for i, cell in _cells(path, "markdown"):
         text = _source(cell)
         for syntax, instead in LITERAL_IN_JUPYTER.items():
             assert syntax not in text, f"{path.name} cell {i} uses {syntax}; use {instead}"
@@ -131,3 +130,24 @@ def test_equations_are_numbered_chapter_dot_k_in_order(path):
     tags = re.findall(r"\\tag\{([\d.]+)\}", text)
     chapter = int(path.name[:2])
     assert tags == [f"{chapter}.{k}" for k in range(1, len(tags) + 1)], tags
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_template_for_every_chapter(path):
+    """Objectives and time, a Setup section, a Think! list after every demo, exercises numbered N.k, each
+    with its answer folded away under the same number."""
+    nb = json.loads(path.read_text())
+    cells = [_source(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    text = "\n".join(cells)
+    n = int(path.name[:2])
+    assert cells[1].startswith("**Objectives.** After this chapter you can") and "**Estimated time:**" in cells[1]
+    assert any(c.startswith("## Setup") for c in cells), "a '## Setup' section before the setup cell"
+    demos = [i for i, c in enumerate(cells) if re.search(r"^#+ Interactive demo", c, re.M)]
+    assert demos, "an interactive demo"
+    for i in demos:  # the Think! list follows within a few cells
+        assert any("**Think!**" in c for c in cells[i:i + 4]), f"a Think! list after the demo in cell {i}"
+    numbers = re.findall(rf"^### Exercise {n}\.(\d+): \S", text, re.M)
+    assert numbers == [str(k) for k in range(1, len(numbers) + 1)] and numbers, "exercises '### Exercise N.k: title'"
+    assert not re.search(r"^\*\*Exercise|^### Exercise \d+:", text, re.M), "an exercise outside the template"
+    answers = re.findall(rf"<summary>(?:Solution to|Discussion of) exercise {n}\.(\d+)</summary>", text)
+    assert sorted(set(answers)) == sorted(numbers) and len(answers) == len(numbers), "one answer per exercise"

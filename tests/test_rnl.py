@@ -138,3 +138,17 @@ def test_functional_other_activations_are_refused():
 def test_a_model_without_relu_is_refused():
     with pytest.raises(ValueError, match="no nn.ReLU"):
         replace_relu(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_relu_created_inside_forward_is_refused():
+    """A module built in forward() is invisible to replace_relu, so the converted network would keep a ReLU."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return nn.ReLU(inplace=True)(self.conv(x))
+
+    with pytest.raises(ValueError, match="created inside forward"):
+        check_convertible(nn.Sequential(Block()))

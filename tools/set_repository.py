@@ -1,10 +1,10 @@
 """Point the book at the project's public repository: ``python tools/set_repository.py https://github.com/ORG/REPO``.
 
-Rewrites the repository setting in ``_config.yml`` and the Colab badge and install cell of every
+Rewrites the repository setting in ``_config.yml`` and the Colab link and install cell of every
 chapter, so the one setting and the notebooks always agree (tests/test_notebooks.py checks).
 
 ``python tools/set_repository.py --check`` (``make release-check``) is the release check: it fails
-while the setting still names the placeholder account ``OWNER``, because then every Colab badge and
+while the setting still names the placeholder account ``OWNER``, because then every Colab link and
 install cell points at a repository that does not exist. Run it before publishing; CI does not.
 """
 import json
