@@ -100,24 +100,46 @@ def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = 
     return axes
 
 
+# The book's text column is about 710 pixels wide: a figure this many inches wide at 100 dpi is shown at
+# its own size there, so a 12-point label is about 16 pixels tall, as tall as the body text.
+PAGE_WIDTH_IN = 7.1
+
+
 def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = None, c: float = 1.0,
                     target: float | None = 90.0):
-    """Every scale of a sweep in one figure: a row of fit-curve panels over a row of accuracy panels."""
+    """Every scale of a sweep in one figure: one row per scale, its fit curves left and its accuracy right.
+
+    Two columns at the width of the page keep every label as large as the text around the figure
+    (chapter 3 and chapter 7 show it below their threshold-scale demos).
+    """
     import matplotlib.pyplot as plt
 
     n = len(sweep)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6), squeeze=False, sharey="row")
-    for i, (p, entry) in enumerate(sweep.items()):
-        plot_scale(entry, p, axes=axes[:, i], layers=layers, c=c, target=target)
-        axes[0, i].set_title(f"p = {p:.2f}", fontsize=10)
-        axes[1, i].set_title(f"RNL {entry['ann_acc']:.1f}%", fontsize=10)
-        if i:
-            axes[0, i].set_ylabel("")
-            axes[1, i].set_ylabel("")
-        for ax in axes[:, i]:
-            if ax.get_legend() is not None and i < n - 1:
-                ax.get_legend().remove()
-    fig.tight_layout()
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "legend.fontsize": 11,
+                         "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.dpi": 100}):
+        fig, axes = plt.subplots(n, 2, figsize=(PAGE_WIDTH_IN, 2.9 * n), squeeze=False, sharex="col")
+        for i, (p, entry) in enumerate(sweep.items()):
+            plot_scale(entry, p, axes=axes[i], layers=layers, c=c, target=target)
+            axes[i, 0].set_title(f"p = {p:.2f}: K(t), dashed {'Omega/t' if c == 1 else f'{c:g} Omega/t'}")
+            axes[i, 1].set_title(f"accuracy (RNL {entry['ann_acc']:.1f}%, dashed)")
+            axes[i, 0].set_ylabel("K(t)")
+            axes[i, 1].set_ylabel("accuracy (%)")
+            if i < n - 1:
+                for ax in axes[i]:
+                    ax.set_xlabel("")
+            for ax in axes[i]:
+                legend = ax.get_legend()
+                if legend is not None and i > 0:
+                    legend.remove()
+                elif legend is not None:
+                    for text in legend.get_texts():
+                        text.set_fontsize(11)
+                for text in list(ax.texts):
+                    if text.get_text().startswith("RNL"):  # the line's label: the title says it
+                        text.remove()
+                    else:  # the "90% at t = ..." mark
+                        text.set_fontsize(11)
+        fig.tight_layout()
     return fig
 
 
