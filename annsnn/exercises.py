@@ -28,9 +28,9 @@ def library_calls(fn: Callable, *args: Any, modules: tuple[types.ModuleType, ...
     A function counts as used when ``fn`` called it while running, through its module
     (``theory.omega(...)``), through the package (``annsnn.omega(...)``) or through a name bound to
     it where ``fn`` was defined (``from annsnn.theory import omega`` at the top of a notebook), or when
-    ``fn``'s source
-    calls it as an attribute (``.omega(``) or imports it (``from annsnn.theory import omega``). A
-    variable of the same name is not a use. Everything is restored afterwards, also when ``fn`` raises.
+    ``fn``'s source calls it as an attribute (``.omega(``) or imports it (``from annsnn.theory import
+    omega``). A variable of the same name is not a use. Everything is restored afterwards, also when
+    ``fn`` raises.
     """
     import annsnn
 

@@ -8,9 +8,11 @@ continues where it stopped. The CLI (``annsnn reproduce``) and the book's chapte
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
 import time
+from dataclasses import MISSING, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -134,16 +136,23 @@ def training_settings(prof: dict, stage: str) -> dict:
     return {k: prof.get(k) for k in keys}
 
 
+def _as_trained(key: str, value):
+    """A stage's settings with the defaults of its config filled in: the same training, however written
+    (a checkpoint from before a setting, such as the seed, was named in the profile compares equal)."""
+    config = {"stage1": Stage1Config, "stage2": Stage2Config}.get(key)
+    if config is None or not isinstance(value, dict):
+        return value
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(config) if f.default is not MISSING or f.default_factory is not MISSING}
+    return {**defaults, **value}
+
+
 def check_settings(payload: dict, want: dict, path: str | Path) -> None:
     """Raise if the checkpoint at ``path`` was made with other training settings than ``want``."""
     got = payload["config"].get("settings")
     if got is None:  # written by ``annsnn train``/``tune`` rather than by a profile: nothing to compare
         return
-
-    def seeded(key: str, value):  # checkpoints written before the profiles named a seed used seed 0
-        return {"seed": 0, **value} if key in ("stage1", "stage2") and isinstance(value, dict) else value
-
-    differ = sorted(k for k in set(got) | set(want) if seeded(k, got.get(k)) != seeded(k, want.get(k)))
+    differ = sorted(k for k in set(got) | set(want) if _as_trained(k, got.get(k)) != _as_trained(k, want.get(k)))
     if differ:
         raise ValueError(f"{path} was trained with other settings ({', '.join(differ)} differ); "
                          "pass another --out, or delete that folder to train again")
@@ -207,10 +216,23 @@ def _config_of(out_dir: Path) -> dict:
     return load_checkpoint(out_dir / "stage1.pt")["config"]
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """Versions and hardware, recorded next to every result."""
+    """Versions and hardware (the CPU and the cores this process may use, the GPU), recorded next to every result."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "device": "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "cpu": _cpu_name(), "cores": cores, "device": "cpu",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
     try:

@@ -1,4 +1,6 @@
-"""Figures used by the CLI and the book (matplotlib, no display needed)."""
+"""Figures used by the CLI and the book (matplotlib, no display needed).
+
+Text sizes follow matplotlib's settings, so a caller can scale a whole figure with ``plt.rc_context``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,14 +28,14 @@ def plot_accuracy_curves(curves: Mapping[str, Sequence[float]], path: str | Path
         ax.plot(range(1, len(acc) + 1), acc, label=label)
     for label, value in (references or {}).items():
         ax.axhline(value, linestyle="--", linewidth=0.8, color="gray")
-        ax.annotate(label, (1, value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
+        ax.annotate(label, (1, value), textcoords="offset points", xytext=(2, 2), color="gray")
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xlabel("time step t")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right")
     if title:
         ax.set_title(title)
     if path is not None and fig is not None:
@@ -60,5 +62,5 @@ def plot_fit_curves(fit: Mapping[str, Sequence[float]], omega: Mapping[str, floa
     ax.set_xlabel("time step t")
     ax.set_ylabel("K(t)  (dashed: Omega / t)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return ax

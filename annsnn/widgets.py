@@ -94,7 +94,7 @@ def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = 
         text = f"{target:g}% at t = {hit}" if hit is not None else f"{target:g}% not reached"
         if hit is not None:
             axes[1].axvline(hit, color="C3", linestyle=":", linewidth=1)
-        axes[1].text(0.97, 0.04, text, transform=axes[1].transAxes, ha="right", va="bottom", fontsize=8, color="C3")
+        axes[1].text(0.97, 0.04, text, transform=axes[1].transAxes, ha="right", va="bottom", color="C3")
         if axes[1].get_legend() is not None:
             axes[1].get_legend().remove()
     return axes
@@ -128,17 +128,10 @@ def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = Non
                 for ax in axes[i]:
                     ax.set_xlabel("")
             for ax in axes[i]:
-                legend = ax.get_legend()
-                if legend is not None and i > 0:
-                    legend.remove()
-                elif legend is not None:
-                    for text in legend.get_texts():
-                        text.set_fontsize(11)
-                for text in list(ax.texts):
-                    if text.get_text().startswith("RNL"):  # the line's label: the title says it
-                        text.remove()
-                    else:  # the "90% at t = ..." mark
-                        text.set_fontsize(11)
+                if i > 0 and ax.get_legend() is not None:
+                    ax.get_legend().remove()  # one legend, in the first row
+                for text in [t for t in ax.texts if t.get_text().startswith("RNL")]:
+                    text.remove()  # the dashed line's label: the title gives it
         fig.tight_layout()
     return fig
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -53,20 +52,6 @@ def _rel(path: str | Path) -> str:
         return str(path)
 
 
-def machine() -> dict:
-    """CPU model, core count and platform of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": usable, "platform": platform.platform()}
-
-
 def _load() -> list[float] | None:
     """The load average over 1, 5 and 15 minutes (how busy the machine was: the timings depend on it)."""
     return [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -95,7 +80,7 @@ def run_seeds(seeds: list[int], work: Path, tool: str = "python tools/quick_seed
 
     runs, first = [], None
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    mach = {**machine(), "load_average_at_start": _load()}
+    load_at_start = _load()
     for s in seeds:
         out = work / f"seed{s}"
         argv = [sys.executable, "-m", "annsnn", "reproduce", "--profile", "quick", "--seed", str(s),
@@ -136,7 +121,8 @@ def run_seeds(seeds: list[int], work: Path, tool: str = "python tools/quick_seed
         "commands": [r["command"] for r in runs],
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**mach, "load_average_at_end": _load()},
+        "machine": {"cpu": env["cpu"], "cores_usable": env["cores"], "platform": env["platform"],
+                    "load_average_at_start": load_at_start, "load_average_at_end": _load()},
         "environment": env,
         "source": _git(),
         "dataset": first["dataset"],

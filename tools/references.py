@@ -106,11 +106,9 @@ def full_entry(key: str, entries: dict) -> str:
 
 def cited(text: str, entries: dict) -> list[str]:
     """The keys a page cites, in author-year order."""
-    found = []
-    for key, (who, year) in labels(entries).items():
-        if f"{who}, {year}" in text or f"{who} ({year})" in text:
-            found.append(key)
-    return sorted(found, key=lambda k: (labels(entries)[k][0], labels(entries)[k][1]))
+    names = labels(entries)
+    found = [key for key, (who, year) in names.items() if f"{who}, {year}" in text or f"{who} ({year})" in text]
+    return sorted(found, key=names.get)
 
 
 def unknown(text: str, entries: dict) -> list[str]:
