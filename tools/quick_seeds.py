@@ -121,7 +121,7 @@ def run_seeds(seeds: list[int], work: Path, tool: str = "python tools/quick_seed
         "commands": [r["command"] for r in runs],
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": env["cpu"], "cores_usable": env["cores"], "platform": env["platform"],
+        "machine": {"cpu": env["cpu"], "cores": env["cores"], "cores_usable": env["cores"], "platform": env["platform"],
                     "load_average_at_start": load_at_start, "load_average_at_end": _load()},
         "environment": env,
         "source": _git(),
