@@ -17,7 +17,7 @@ EXACT   := tests/test_theory.py tests/test_theory_extra.py tests/test_convert_si
            tests/test_qcfs.py book/01_spiking_neurons.ipynb book/02_firing_rate.ipynb \
            book/03_fit_curve.ipynb book/04_rate_norm_layer.ipynb
 
-.PHONY: book test test-old-cpu install lock clean release-check student-edition
+.PHONY: book test test-old-cpu check-html install lock clean release-check student-edition
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 	$(PYTHON) -m pytest tests book --nbval-lax -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check the test paths in the Makefile" >&2; fi; \
 	exit $$rc
+
+# The built book in a headless Chromium with the network refused (tests/test_html_book.py); run after
+# `make book`. Installs Debian's chromium if it is missing. Screenshots go to _build/screenshots.
+check-html: $(STAMP)
+	bash tools/install_chromium.sh
+	ANNSNN_HTML_TESTS=1 $(PYTHON) -m pytest tests/test_html_book.py -q
 
 test-old-cpu: $(STAMP)
 	$(OLD_CPU) $(PYTHON) -m pytest $(EXACT) --nbval-lax -q

@@ -6,6 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+# The book's text column is about 710 pixels wide. A figure this many inches wide, drawn at 100 dpi, is
+# shown at its own size there, so a 12-point label is about 17 pixels tall: as tall as the body text
+# (16 pixels). A wider figure would be shrunk to fit, and its labels with it.
+PAGE_WIDTH_IN = 7.1
+MIN_FONT_PT = 12
+
+BOOK_STYLE = {
+    "figure.figsize": (PAGE_WIDTH_IN, 3.8), "figure.dpi": 100, "savefig.dpi": 100,
+    "font.size": MIN_FONT_PT, "axes.titlesize": MIN_FONT_PT, "axes.labelsize": MIN_FONT_PT,
+    "legend.fontsize": MIN_FONT_PT, "xtick.labelsize": MIN_FONT_PT, "ytick.labelsize": MIN_FONT_PT,
+    "figure.titlesize": MIN_FONT_PT,
+}
+
+
+def book_style() -> None:
+    """Set matplotlib up for the book's pages: figures at most the page's width, text as large as the page's.
+
+    Every chapter calls it in its setup; figures then keep to ``PAGE_WIDTH_IN`` inches and stack their
+    panels in rows rather than squeezing them side by side.
+    """
+    import matplotlib
+
+    matplotlib.rcParams.update(BOOK_STYLE)
+
 
 def plot_accuracy_curves(curves: Mapping[str, Sequence[float]], path: str | Path | None = None,
                          references: Mapping[str, float] | None = None, ax=None, title: str | None = None,

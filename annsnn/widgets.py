@@ -4,12 +4,17 @@ The threshold-scale demo (chapter "The optimal fit curve and the squeeze theorem
 simulated fit curve and accuracy change with ``p``.
 
 :func:`scale_sweep` simulates a trained RNL network once per threshold scale ``p`` (all layers share
-it, as in the paper); :func:`scale_slider` shows one scale at a time with an ipywidgets slider, and
-:func:`small_multiples` draws every scale side by side, the static version for the HTML book.
-Precomputing the sweep keeps the slider instant and makes both views show the same numbers.
+it, as in the paper); :func:`scale_slider` shows one scale at a time with a slider, and
+:func:`small_multiples` draws every scale in one figure, for print. Precomputing the sweep keeps the
+slider instant and makes both views show the same numbers.
 The other demos draw one IF neuron (chapter "Spiking neurons and rate coding"), the closed-form
 rate staircase (chapter "The firing-rate approximation") and where a Rate Norm Layer's threshold cuts
 a layer's activations (chapter "The Rate Norm Layer").
+
+Every demo is built with :func:`annsnn.demo.demo`: live ipywidgets in a notebook with a kernel, and
+precomputed frames switched in the browser in the HTML book (see that module). Figures are at most
+the page's width (:data:`annsnn.plots.PAGE_WIDTH_IN`), with panels in rows, so their text stays as
+large as the page's.
 """
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import demo as _demo
 from .convert import convert
 from .data import Split
+from .plots import PAGE_WIDTH_IN
 from .rnl import logit, scale_parameters
 from .simulate import SimResult, simulate
 from .train import evaluate
@@ -79,7 +86,7 @@ def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = 
     from .plots import plot_accuracy_curves, plot_fit_curves
 
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        _, axes = plt.subplots(2, 1, figsize=(PAGE_WIDTH_IN, 6.4))
     res: SimResult = entry["sim"]
     names = list(layers) if layers is not None else list(res.fit)
     label = _ordinal(res, names)
@@ -100,23 +107,20 @@ def plot_scale(entry: dict, p: float, axes=None, layers: Sequence[str] | None = 
     return axes
 
 
-# The book's text column is about 710 pixels wide: a figure this many inches wide at 100 dpi is shown at
-# its own size there, so a 12-point label is about 16 pixels tall, as tall as the body text.
-PAGE_WIDTH_IN = 7.1
-
-
 def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = None, c: float = 1.0,
                     target: float | None = 90.0):
     """Every scale of a sweep in one figure: one row per scale, its fit curves left and its accuracy right.
 
     Two columns at the width of the page keep every label as large as the text around the figure
-    (chapter 3 and chapter 7 show it below their threshold-scale demos).
+    (chapter 3 and chapter 7 show it below their threshold-scale demos; one row is one frame of the
+    demo in the HTML book).
     """
     import matplotlib.pyplot as plt
 
+    from .plots import BOOK_STYLE
+
     n = len(sweep)
-    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "legend.fontsize": 11,
-                         "xtick.labelsize": 11, "ytick.labelsize": 11, "figure.dpi": 100}):
+    with plt.rc_context(BOOK_STYLE):
         fig, axes = plt.subplots(n, 2, figsize=(PAGE_WIDTH_IN, 2.9 * n), squeeze=False, sharex="col")
         for i, (p, entry) in enumerate(sweep.items()):
             plot_scale(entry, p, axes=axes[i], layers=layers, c=c, target=target)
@@ -138,22 +142,14 @@ def small_multiples(sweep: dict[float, dict], layers: Sequence[str] | None = Non
 
 def scale_slider(sweep: dict[float, dict], layers: Sequence[str] | None = None, value: float | None = None,
                  c: float = 1.0, target: float | None = 90.0):
-    """An ipywidgets slider over the scales of ``sweep`` that redraws :func:`plot_scale`."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-
+    """A demo with one control, the threshold scale, showing one row of :func:`small_multiples` per scale."""
     scales = list(sweep)
     start = value if value in sweep else scales[len(scales) // 2]
 
-    def show(p: float) -> None:
-        plot_scale(sweep[p], p, layers=layers, c=c, target=target)
-        plt.tight_layout()
-        plt.show()
+    def draw(p: float):
+        return small_multiples({p: sweep[p]}, layers=layers, c=c, target=target)
 
-    slider = widgets.SelectionSlider(options=[(f"{p:.2f}", p) for p in scales], value=start,
-                                     description="threshold scale p", style={"description_width": "initial"},
-                                     continuous_update=False)
-    return widgets.interactive(show, p=slider)
+    return _demo.demo(draw, p=_demo.choice("threshold scale p", [(f"{p:.2f}", p) for p in scales], value=start))
 
 
 # --- Chapter "Spiking neurons and rate coding": one IF neuron --------------------------------------
@@ -176,7 +172,8 @@ def neuron_input(x: float, T: int, source: str = "constant", seed: int = 0) -> t
 
 def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "subtract",
                 source: str = "constant", seed: int = 0, axes=None):
-    r"""Three panels for one IF neuron: membrane trace, spike raster, firing rate against ``clip(x / v_th, 0, 1)``.
+    r"""Three panels for one IF neuron, in rows: membrane trace, spike raster, firing rate against
+    ``clip(x / v_th, 0, 1)``.
 
     The rate panel shades the band :math:`\pm 1/t` around the target: constant input with reset by
     subtraction stays inside it, Poisson input and reset to zero need not.
@@ -186,7 +183,8 @@ def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "s
     from .theory import if_trace
 
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        _, axes = plt.subplots(3, 1, figsize=(PAGE_WIDTH_IN, 7.4), sharex=True,
+                               gridspec_kw={"height_ratios": [3, 1.2, 3]}, layout="constrained")
     current = neuron_input(x, T, source, seed)
     pre, s, post = if_trace(current, v_th=v_th, reset=reset)
     # sawtooth: v(t-1) -> integrate -> v_pre(t) -> reset -> v(t)
@@ -195,10 +193,9 @@ def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "s
     ax = axes[0]
     ax.plot(times, values, color="C0", linewidth=1)
     ax.axhline(v_th, color="C3", linestyle="--", linewidth=1, label="threshold $v_{th}$")
-    ax.set_xlabel("time step t")
     ax.set_ylabel("membrane v")
-    ax.set_title(f"membrane, reset {'by subtraction' if reset == 'subtract' else 'to zero'}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"x = {x:g}, v_th = {v_th:g}: membrane, reset {'by subtraction' if reset == 'subtract' else 'to zero'}")
+    ax.legend(loc="lower right")
 
     ax = axes[1]
     t_out = (torch.nonzero(s).flatten() + 1).tolist()
@@ -210,7 +207,6 @@ def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "s
     ax.eventplot(rows, colors=["C2", "C0"][-len(rows):], lineoffsets=range(len(rows)), linelengths=0.7)
     ax.set_yticks(range(len(rows)), labels)
     ax.set_xlim(0.5, T + 0.5)
-    ax.set_xlabel("time step t")
     ax.set_title(f"spikes ({'Poisson' if source == 'poisson' else 'constant'} input)")
 
     ax = axes[2]
@@ -224,32 +220,28 @@ def plot_neuron(x: float = 0.35, v_th: float = 1.0, T: int = 40, reset: str = "s
     ax.set_xlabel("time step t")
     ax.set_ylabel("firing rate")
     ax.set_title("rate = spikes / t")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best")
     return axes
 
 
 def neuron_demo(x: float = 0.35, v_th: float = 1.0, T: int = 40):
-    """Sliders for input current, threshold and ``T``, plus reset and input choices, redrawing :func:`plot_neuron`."""
-    import ipywidgets as widgets
+    """Input current, threshold and ``T``, reset and input kind, redrawing :func:`plot_neuron`.
+
+    The HTML book precomputes five currents with both resets and both inputs at the given ``v_th`` and ``T``.
+    """
     import matplotlib.pyplot as plt
 
-    def show(x, v_th, T, reset, source):
+    def draw(x, v_th, T, reset, source):
         plot_neuron(x, v_th, T, reset, source)
-        plt.tight_layout()
-        plt.show()
+        return plt.gcf()
 
-    style = {"description_width": "initial"}
-    return widgets.interactive(
-        show,
-        x=widgets.FloatSlider(value=x, min=-0.2, max=1.5, step=0.01, description="input current x", style=style,
-                              continuous_update=False),
-        v_th=widgets.FloatSlider(value=v_th, min=0.2, max=2.0, step=0.05, description="threshold v_th",
-                                 style=style, continuous_update=False),
-        T=widgets.IntSlider(value=T, min=5, max=200, description="time steps T", style=style, continuous_update=False),
-        reset=widgets.ToggleButtons(options=[("by subtraction", "subtract"), ("to zero", "zero")],
-                                    description="reset", style=style),
-        source=widgets.ToggleButtons(options=[("constant", "constant"), ("Poisson", "poisson")],
-                                     description="input", style=style),
+    return _demo.demo(
+        draw,
+        x=_demo.number("input current x", x, -0.2, 1.5, 0.01, frames=sorted({-0.1, 0.1, x, 0.6, 1.2})),
+        v_th=_demo.number("threshold v_th", v_th, 0.2, 2.0, 0.05),
+        T=_demo.integer("time steps T", T, 5, 200),
+        reset=_demo.choice("reset", [("by subtraction", "subtract"), ("to zero", "zero")]),
+        source=_demo.choice("input", [("constant", "constant"), ("Poisson", "poisson")]),
     )
 
 
@@ -266,7 +258,7 @@ def plot_rate_staircase(a: float = 0.3, T: int = 40, ax=None):
     from .theory import if_rate_constant
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 3.6))
+        _, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 4.6), layout="constrained")
     t = torch.arange(1, T + 1, dtype=torch.float64)
     a_t = torch.tensor(float(a), dtype=torch.float64)
     ax.step(t, if_rate_constant(a_t, t, "zero"), where="post", color="C0", label=r"$v(0)=0$: $\lfloor ta \rfloor/t$")
@@ -278,25 +270,23 @@ def plot_rate_staircase(a: float = 0.3, T: int = 40, ax=None):
     ax.set_ylim(max(-0.05, a - 0.6), min(1.05, a + 0.6))
     ax.set_xlabel("time step t")
     ax.set_ylabel("rate r(t)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)   # below the axes: never over a curve
     return ax
 
 
 def rate_demo(a: float = 0.3, T: int = 40):
-    """Sliders for the activation ``a`` and ``T`` redrawing :func:`plot_rate_staircase`."""
-    import ipywidgets as widgets
+    """The activation ``a`` and ``T``, redrawing :func:`plot_rate_staircase` (the HTML book: eight
+    activations, two lengths)."""
     import matplotlib.pyplot as plt
 
-    def show(a, T):
+    def draw(a, T):
         plot_rate_staircase(a, T)
-        plt.show()
+        return plt.gcf()
 
-    style = {"description_width": "initial"}
-    return widgets.interactive(
-        show,
-        a=widgets.FloatSlider(value=a, min=0.0, max=1.0, step=0.01, description="activation a", style=style,
-                              continuous_update=False),
-        T=widgets.IntSlider(value=T, min=5, max=200, description="time steps T", style=style, continuous_update=False),
+    return _demo.demo(
+        draw,
+        a=_demo.number("activation a", a, 0.0, 1.0, 0.01, frames=sorted({0.05, 0.1, 0.2, a, 0.45, 0.6, 0.75, 0.9})),
+        T=_demo.integer("time steps T", T, 5, 200, frames=sorted({T, 200})),
     )
 
 
@@ -313,7 +303,7 @@ def plot_rnl_cut(x: torch.Tensor, running_max: float, p: float, ax=None, title: 
     from .theory import omega
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 3.6))
+        _, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 4.0), layout="constrained")
     pos = x[x > 0].double() / running_max
     r_hat = (x.double().clamp_min(0) / (running_max * p)).clamp(0, 1)
     clipped = float((pos > p).double().mean()) if len(pos) else 0.0
@@ -322,26 +312,31 @@ def plot_rnl_cut(x: torch.Tensor, running_max: float, p: float, ax=None, title: 
     ax.axvspan(p, top, color="C3", alpha=0.12)
     ax.axvline(p, color="C3", linestyle="--", linewidth=1, label=f"theta / m = p = {p:.2f}")
     ax.set_yscale("log")
-    ax.set_xlabel("positive pre-activation x / running_max")
+    ax.set_xlabel("x / running_max, for x > 0")
     ax.set_ylabel("count")
-    ax.set_title(title or f"clipped {100 * clipped:.2f}% of positives, Omega = {float(omega(r_hat)):.2f}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(title or f"clipped {100 * clipped:.2f}% of positives,\nOmega = {float(omega(r_hat)):.2f}")
+    ax.legend()
     return ax
 
 
-def rnl_demo(acts: dict[str, torch.Tensor], running_max: dict[str, float], p: float = 0.95):
-    """A layer menu and a threshold-scale slider redrawing :func:`plot_rnl_cut` for recorded pre-activations."""
-    import ipywidgets as widgets
+def rnl_demo(acts: dict[str, torch.Tensor], running_max: dict[str, float], p: float = 0.95,
+             frames: Sequence[str] | None = None):
+    """A layer menu and a threshold-scale slider redrawing :func:`plot_rnl_cut` for recorded pre-activations.
+
+    The HTML book precomputes six scales for the layers in ``frames`` (default: first, middle and last).
+    """
     import matplotlib.pyplot as plt
 
-    def show(layer, p):
-        plot_rnl_cut(acts[layer], running_max[layer], p)
-        plt.show()
+    names = list(acts)
+    shown = list(frames) if frames is not None else list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
 
-    style = {"description_width": "initial"}
-    return widgets.interactive(
-        show,
-        layer=widgets.Dropdown(options=list(acts), description="RNL", style=style),
-        p=widgets.FloatSlider(value=p, min=0.05, max=0.99, step=0.01, description="threshold scale p", style=style,
-                              continuous_update=False),
+    def draw(layer, p):
+        plot_rnl_cut(acts[layer], running_max[layer], p)
+        plt.gca().set_title(f"{layer}: " + plt.gca().get_title())
+        return plt.gcf()
+
+    return _demo.demo(
+        draw,
+        layer=_demo.choice("RNL", names, frames=shown),
+        p=_demo.number("threshold scale p", p, 0.05, 0.99, 0.01, frames=sorted({0.2, 0.4, 0.6, 0.8, p})),
     )

@@ -151,3 +151,38 @@ def test_one_template_for_every_chapter(path):
     assert not re.search(r"^\*\*Exercise|^### Exercise \d+:", text, re.M), "an exercise outside the template"
     answers = re.findall(rf"<summary>(?:Solution to|Discussion of) exercise {n}\.(\d+)</summary>", text)
     assert sorted(set(answers)) == sorted(numbers) and len(answers) == len(numbers), "one answer per exercise"
+
+
+DEMO_CALL = re.compile(r"\bdemo\.demo\(|widgets\.(neuron|rate|rnl)_demo\(|widgets\.scale_slider\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_rule_for_demos_and_figures_in_every_chapter(path):
+    """Every demo goes through annsnn.demo (live with a kernel, precomputed frames in the HTML book) and
+    is shown on the page; every figure uses the book's style, and no text in it is set smaller."""
+    from annsnn.plots import MIN_FONT_PT, PAGE_WIDTH_IN
+
+    code = [(i, c, _source(c)) for i, c in _cells(path, "code")]
+    every = "\n".join(src for _, _, src in code) + "\n".join(_source(c) for _, c in _cells(path, "markdown"))
+    assert not re.search(r"import ipywidgets|\binteract(ive)?\(", every), \
+        "a demo built with ipywidgets directly: use annsnn.demo.demo, which also works without a kernel"
+    demos = [(i, c) for i, c, src in code if DEMO_CALL.search(src)]
+    assert demos, "the chapter's interactive demo, made with annsnn.demo"
+    for i, c in demos:
+        assert "remove-output" not in c.get("metadata", {}).get("tags", []), f"cell {i} hides its demo from the page"
+    if "matplotlib" in every:
+        assert any("book_style()" in src for _, _, src in code[:3]), "the setup calls annsnn.plots.book_style()"
+    small = [m.group(0) for m in re.finditer(r"\b(fontsize|labelsize|titlesize)=(\d+(\.\d+)?)", every)
+             if float(m.group(2)) < MIN_FONT_PT]
+    assert not small, f"text set smaller than {MIN_FONT_PT} pt: {small}"
+    wide = [w for w in re.findall(r"figsize=\((\d+(?:\.\d+)?)", every) if float(w) > PAGE_WIDTH_IN]
+    assert not wide, f"figures wider than the page ({PAGE_WIDTH_IN} in): {wide}"
+
+
+def test_the_package_draws_no_text_smaller_than_the_book_style():
+    from annsnn.plots import MIN_FONT_PT
+
+    for path in sorted((ROOT / "annsnn").glob("*.py")):
+        text = path.read_text()
+        small = [m.group(0) for m in re.finditer(r"\bfontsize=(\d+(\.\d+)?)", text) if float(m.group(1)) < MIN_FONT_PT]
+        assert not small, f"{path.name}: {small}"

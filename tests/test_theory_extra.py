@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from annsnn import widgets
+from annsnn import plots, widgets
 from annsnn.theory import if_trace, poisson_input, simulate_if
 
 matplotlib.use("Agg")
@@ -88,11 +88,11 @@ def test_sweep_table_and_small_multiples(digits, small_rnl):
     fig = widgets.small_multiples(sweep, layers=[names[0], names[-1]])
     assert len(fig.axes) == 4
     # one row per scale, two columns, as wide as the page: then a point is 100/72 pixels on the page, and
-    # every label is at least 11 points (15 pixels), about the body text's 16
+    # every label is at least 12 points (17 pixels), as tall as the body text's 16
     assert fig.get_size_inches()[0] == widgets.PAGE_WIDTH_IN and fig.axes[0].get_subplotspec().get_geometry()[:2] == (2, 2)
     texts = [t for ax in fig.axes for t in [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts,
                                             *ax.get_xticklabels(), *ax.get_yticklabels()] if t.get_text()]
     texts += [t for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert texts and min(t.get_fontsize() for t in texts) >= 11
+    assert texts and min(t.get_fontsize() for t in texts) >= plots.MIN_FONT_PT
     widgets.scale_slider(sweep, layers=[names[0]], value=0.9)
     plt.close("all")

@@ -23,10 +23,18 @@ seconds, and a chapter after ``--chapter-timeout``, with a message naming the ch
 
 The executed notebooks go to ``_build/source`` (a copy of the book's sources with execution
 switched off), and Jupyter Book renders that copy into ``_build/html``.
+
+Demos without a kernel
+----------------------
+The chapters run with ``ANNSNN_DEMOS=frames`` (``--demos``), so every demo made with
+``annsnn.demo.demo`` becomes precomputed pictures switched by the page itself. No chapter may leave
+ipywidgets state behind: a page with widget state would load a widget manager from the internet and
+show controls that do nothing without a kernel, so such a chapter fails the build.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -154,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=None,
                         help="seconds one cell may take (default: execute.timeout in _config.yml)")
     parser.add_argument("--chapter-timeout", type=int, default=1200, help="seconds one chapter may take")
+    parser.add_argument("--demos", choices=("frames", "live"), default="frames",
+                        help="demos as precomputed frames (the HTML book) or live ipywidgets (needs a kernel)")
     args = parser.parse_args(argv)
+    os.environ["ANNSNN_DEMOS"] = args.demos   # the kernels inherit it
 
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     cell_timeout = args.cell_timeout or int(config.get("execute", {}).get("timeout", 600))
@@ -180,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"[{i}/{len(notebooks)}] {name} FAILED after {time.monotonic() - t0:.1f} s", flush=True)
             failures.append(str(err))
+            continue
+        if args.demos == "frames" and "widgets" in nb.metadata:
+            print(f"[{i}/{len(notebooks)}] {name} FAILED: it left ipywidgets state", flush=True)
+            failures.append(f"{name} created ipywidgets, which need a kernel and load a widget manager from the "
+                            "internet: build its demos with annsnn.demo.demo")
             continue
         print(f"[{i}/{len(notebooks)}] {name} executed in {time.monotonic() - t0:.1f} s", flush=True)
         if not args.only:
