@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=_positive_int, default=16, help="time steps per layer call (1: step by step)")
     p.add_argument("--engine", choices=("auto", "reference", "fast"), default="auto",
                    help="simulator: fused Triton kernels on a GPU (auto, fast) or plain torch (reference)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="fast engine's layer precision (float32: the reference's spikes exactly)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="fast engine's layer precision: auto picks bfloat16 on GPUs with bfloat16 tensor cores, "
+                        "float16 on older GPUs (float32: the reference's spikes exactly)")
     p.add_argument("--out", help="curve JSON to write (default: <checkpoint>_T<T>_<v0>.json); never overwritten")
     _common(p)
 
@@ -211,7 +212,7 @@ def cmd_simulate(args) -> int:
     split = getattr(data, args.split)
     result = simulate(convert(model, v0=args.v0), split, T=args.T, batch_size=args.batch_size, chunk=args.chunk,
                       device=dev, progress=not args.quiet and distributed.is_main(), engine=args.engine,
-                      dtype=getattr(torch, args.dtype))
+                      dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     ann = evaluate(model, split, device=dev)["acc"]
     if distributed.is_main():
         write_json(out, {"checkpoint": str(args.checkpoint), "split": args.split, "v0": args.v0, "ann_acc": ann,

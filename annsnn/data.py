@@ -36,6 +36,22 @@ class Split:
     def subset(self, n: int | None) -> "Split":
         return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
 
+    def balanced_subset(self, n: int, seed: int = 0) -> "Split":
+        """``n`` images with every class equally represented (the first classes take one more while ``n``
+        does not divide evenly), chosen by a fixed shuffle and kept in the split's order.
+
+        Unlike :meth:`subset`, it does not depend on how the split is ordered: a copy of a dataset sorted by
+        class would give :meth:`subset` two classes only.
+        """
+        if n >= len(self):
+            return self
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        classes = self.y.unique().tolist()
+        share, extra = divmod(n, len(classes))
+        keep = torch.cat([order[self.y[order] == c][:share + (k < extra)] for k, c in enumerate(classes)])
+        keep = keep.sort().values
+        return Split(self.x[keep], self.y[keep])
+
 
 @dataclass
 class Dataset:
@@ -200,6 +216,16 @@ def _decode_blobs(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack(images)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: int = 0,
                  limit: int | None = None) -> Dataset:
     """Load ``name`` (one of :data:`DATASETS`) into uint8 tensors with a held-out validation split.
@@ -220,7 +246,8 @@ def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1
         if root.suffix == ".npz":
             (x_train, y_train, x_test, y_test), classes = load_arrays(root)
             classes = classes or [str(i) for i in range(int(y_train.max()) + 1)]
-            info["source"] = f"arrays in {root}"
+            info["source"] = f"arrays in {root.name}"
+            info["sha256"] = _sha256(root)   # which copy of the data, exactly
         elif name == "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
             (x_train, y_train, x_test, y_test), classes = load_image_folder(root)
             info["source"] = f"image folders under {root}"

@@ -23,7 +23,7 @@ from . import distributed
 from .convert import neurons, reset, set_steps
 from .data import Split, batches
 from .rnl import RNL
-from .utils import left_as_found
+from .utils import left_as_found, mixed_precision
 
 ENGINES = ("auto", "reference", "fast")
 
@@ -132,7 +132,7 @@ def pick_engine(engine: str, device: torch.device, per_layer: bool = False) -> s
 @torch.no_grad()
 def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device: torch.device | str | None = None,
              chunk: int = 16, ann: nn.Module | None = None, record_spikes: bool = False,
-             progress: bool = False, engine: str = "auto", dtype: torch.dtype = torch.bfloat16,
+             progress: bool = False, engine: str = "auto", dtype: torch.dtype | None = None,
              cuda_graph: bool = False) -> SimResult:
     """Simulate ``snn`` for ``T`` steps on every image of ``data`` and return the accuracy curve.
 
@@ -143,7 +143,8 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
     ``device`` meanwhile), with every membrane reset.
 
     ``engine``: ``"reference"`` (plain torch, any device), ``"fast"`` (fused Triton kernels in
-    ``dtype``; ``torch.float32`` gives the reference's spikes exactly; on a GPU only with TF32 off,
+    ``dtype``, by default the type that fits the device, :func:`~annsnn.utils.mixed_precision`:
+    bfloat16 on GPUs with bfloat16 tensor cores, float16 on older ones; ``torch.float32`` gives the reference's spikes exactly; on a GPU only with TF32 off,
     ``torch.backends.cudnn.allow_tf32 = False``, since cuDNN otherwise rounds float32 convolutions to TF32
     in ways that differ between the two engines), or ``"auto"`` (fast on CUDA).
     ``cuda_graph`` replays each chunk of the fast engine as a CUDA graph.
@@ -167,6 +168,8 @@ def _simulate(snn: nn.Module, data: Split, T: int, batch_size: int, device: torc
     if engine == "fast":
         from .kernels import FastSNN, GraphedChunks, fuse_for_speed
 
+        if dtype is None:
+            dtype = mixed_precision(device)
         snn = snn if isinstance(snn, FastSNN) else fuse_for_speed(snn, dtype)
         run = GraphedChunks(snn) if cuda_graph and device.type == "cuda" else snn
         label = f"fast-{str(snn.dtype).removeprefix('torch.')}"

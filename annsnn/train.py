@@ -40,7 +40,7 @@ from .data import Dataset, Split, batches
 from .models import build_model
 from .rnl import lock_max, rnl_layers, scale_parameters, thresholds
 from .theory import omega_ratio
-from .utils import left_as_found, load_checkpoint, save_checkpoint
+from .utils import dtype_name, left_as_found, load_checkpoint, mixed_precision, save_checkpoint
 
 
 @dataclass
@@ -54,8 +54,8 @@ class Stage1Config:
     aug: dict = field(default_factory=lambda: {"pad": 4, "flip": True, "cutout": 0})
     seed: int = 0
     checkpoint_every: int = 1    # write the resumable training state every this many epochs
-    amp: bool = False            # bf16 autocast (CUDA only)
-    channels_last: bool = False  # channels-last memory format (CUDA only)
+    amp: bool = False            # mixed precision on a GPU, in the type that fits it (utils.mixed_precision)
+    channels_last: bool = False  # channels-last memory format (faster convolutions on GPUs and recent CPUs)
     compile: bool = False        # torch.compile the training step's forward
 
     def check(self) -> None:
@@ -110,8 +110,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     return model.to(device), payload
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def training_precision(device: torch.device, amp: bool) -> torch.dtype:
+    """The type stage-1 training computes in: :func:`~annsnn.utils.mixed_precision` with ``amp``, else float32."""
+    return mixed_precision(device) if amp else torch.float32
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 @torch.no_grad()
@@ -245,7 +250,8 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
     the same stage-1 settings (and, from a profile, the same data settings). Returns the history and the best
     epoch; ``model`` ends holding the best weights, on ``device``, with its scales' ``requires_grad`` as
     before (also if training raises). ``cfg.amp``, ``cfg.channels_last`` and ``cfg.compile`` speed up
-    training on a GPU; under torchrun ``cfg.batch_size`` is the global batch.
+    training (``cfg.amp`` on a GPU only: bfloat16, or float16 with loss scaling on GPUs without bfloat16 tensor
+    cores; the result's ``precision`` says which); under torchrun ``cfg.batch_size`` is the global batch.
 
     The work is split in :class:`_Stage1Run`: setting up, resuming, one epoch, and the end of an epoch.
     """
@@ -288,7 +294,10 @@ def train_stage1(model: nn.Module, data: Dataset, cfg: Stage1Config, out_dir: st
             q.requires_grad_(flag)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
-    result = {"history": run.history, "best": run.best, "thresholds": thresholds(model)}
+    if run.channels_last:
+        model.to(memory_format=torch.contiguous_format)   # as the caller gave it
+    result = {"history": run.history, "best": run.best, "thresholds": thresholds(model),
+              "precision": dtype_name(run.precision)}
     if out_dir is not None and distributed.is_main():
         save_checkpoint(out_dir / "stage1.pt", {"kind": "stage1", "config": full_config,
                                                 "model": model.state_dict(), "metrics": result})
@@ -302,7 +311,10 @@ class _Stage1Run:
     def __init__(self, model: nn.Module, data: Dataset, cfg: Stage1Config, device: torch.device) -> None:
         self.model, self.cfg, self.device = model, cfg, device
         model.to(device)
-        self.channels_last = cfg.channels_last and device.type == "cuda"
+        self.channels_last = cfg.channels_last
+        self.precision = training_precision(device, cfg.amp)
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == torch.float16)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         params = [q for q in model.parameters() if q.requires_grad]
@@ -331,6 +343,8 @@ class _Stage1Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(self.generator, state["rng"])
         self.history, self.best, self.start = state["history"], state["best"], state["epoch"]
         self.best_state = state["best_model"]
@@ -344,11 +358,12 @@ class _Stage1Run:
                             drop_last=True, shard=(distributed.rank(), distributed.world())):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(self.device, cfg.amp):
+            with _autocast(self.device, self.precision):
                 loss = F.cross_entropy(self.net(x), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()   # as it is unless the precision is float16
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             loss_sum += loss.detach()
         return distributed.all_reduce_sum(loss_sum) / (distributed.world() * self.steps_per_epoch)
@@ -373,6 +388,7 @@ class _Stage1Run:
             save_checkpoint(path, {
                 "kind": "stage1_last", "config": full_config, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": _rng_state(self.generator), "epoch": len(self.history), "history": self.history,
                 "best": self.best, "best_model": self.best_state})
 

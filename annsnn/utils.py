@@ -24,6 +24,30 @@ def device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def mixed_precision(device: torch.device | str) -> torch.dtype:
+    """The low-precision type that fits ``device``: what training autocasts to and the fast simulator runs in.
+
+    * ``torch.bfloat16`` on GPUs with bfloat16 tensor cores (compute capability 8.0 or newer: A100, H100,
+      RTX 30xx and later);
+    * ``torch.float16`` on older GPUs with float16 tensor cores (7.x: V100, and the T4 of Colab's free
+      tier, where cuDNN has no bfloat16 convolutions); training then scales the loss
+      (``torch.amp.GradScaler``), since small float16 gradients would underflow to zero;
+    * ``torch.float32`` everywhere else (CPUs, older GPUs): no mixed precision.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if major >= 7 else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as results record it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def seed(value: int = 0) -> torch.Generator:
     """Seed Python, NumPy and torch; return a fresh CPU generator seeded with ``value``."""
     random.seed(value)

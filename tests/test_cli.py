@@ -114,7 +114,7 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
     _fails(capsys, ["reproduce", "--profile", "tiny"], "argument --profile: invalid choice")
     _fails(capsys, ["train", "--device", "gpu"], "'gpu' is not a device")
     _fails(capsys, ["train", "--dataset", "digits", "--model", "vgg16", "--out", str(tmp_path / "v")],
-           "VGG-16 needs images whose side is a multiple of 32")
+           "needs images whose side is a multiple of 32")
     curves = (out / "curves.json").read_bytes()
     _fails(capsys, ["reproduce", "--profile", "quick", "--out", str(out), "--epochs", "3", "--quiet"],
            "stage1.pt was trained with other settings (stage1 differ)")

@@ -206,7 +206,8 @@ def test_interpreted_bfloat16_fast_path_follows_the_reference(trained, digits):
         assert abs(got[layer].sum() - total) <= 0.05 * total + 2, layer  # bf16 currents: nearly the same rates
     data = digits.test.subset(24)
     a = simulate(snn, data, T=24, chunk=12, batch_size=24, device=DEVICE, engine="reference")
-    b = simulate(snn, data, T=24, chunk=12, batch_size=24, device=DEVICE, engine="fast")
+    b = simulate(snn, data, T=24, chunk=12, batch_size=24, device=DEVICE, engine="fast",
+                 dtype=torch.bfloat16)   # a CPU would pick float32
     assert b.engine == "fast-bfloat16" and a.acc[-1] > 50
     # bf16 rounding moves a few spikes, so an image near a decision boundary can flip at some t, most
     # often where the curve climbs steeply (up to 4 of 24 images at one step, in networks trained on
