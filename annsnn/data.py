@@ -13,6 +13,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .utils import sha256_of
+
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "folder")
 
 _STATS = {  # per-channel mean and std of the training images in [0, 1]
@@ -216,16 +218,6 @@ def _decode_blobs(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack(images)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1, seed: int = 0,
                  limit: int | None = None) -> Dataset:
     """Load ``name`` (one of :data:`DATASETS`) into uint8 tensors with a held-out validation split.
@@ -247,7 +239,7 @@ def load_dataset(name: str, root: str | Path = "data", val_fraction: float = 0.1
             (x_train, y_train, x_test, y_test), classes = load_arrays(root)
             classes = classes or [str(i) for i in range(int(y_train.max()) + 1)]
             info["source"] = f"arrays in {root.name}"
-            info["sha256"] = _sha256(root)   # which copy of the data, exactly
+            info["sha256"] = sha256_of(root)   # which copy of the data, exactly
         elif name == "folder" or ((root / "train").is_dir() and (root / "test").is_dir()):
             (x_train, y_train, x_test, y_test), classes = load_image_folder(root)
             info["source"] = f"image folders under {root}"

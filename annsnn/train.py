@@ -40,7 +40,7 @@ from .data import Dataset, Split, batches
 from .models import build_model
 from .rnl import lock_max, rnl_layers, scale_parameters, thresholds
 from .theory import omega_ratio
-from .utils import dtype_name, left_as_found, load_checkpoint, mixed_precision, save_checkpoint
+from .utils import dtype_name, left_as_found, load_checkpoint, mixed_precision, save_checkpoint, sha256_of
 
 
 @dataclass
@@ -562,16 +562,6 @@ def point_name(lam: float, entry: dict) -> str:
     return f"lam{lam:g}_step{entry['step']}_acc{entry['val_acc']:.2f}_omega{entry['val_omega']:.4f}"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dict], chosen: str | None = None) -> Path:
     """Add the accepted points of stage-2 ``runs`` to the JSON table ``table`` (atomically) and return its path.
 
@@ -584,7 +574,7 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
     from .utils import write_json
 
     table, base = Path(table), Path(base_checkpoint)
-    ref = {"path": os.path.relpath(base.resolve(), table.parent.resolve()), "sha256": _sha256(base)}
+    ref = {"path": os.path.relpath(base.resolve(), table.parent.resolve()), "sha256": sha256_of(base)}
     doc = {"stage1": ref, "points": [], "kept": {}, "chosen": None}
     if table.exists():
         doc = json.loads(table.read_text())
@@ -614,7 +604,7 @@ def load_point(table: str | Path, name: str, device: torch.device | str = "cpu")
     if point is None:
         raise ValueError(f"{table} has no point named {name!r}; its names are in the 'name' field of 'points'")
     base = table.parent / doc["stage1"]["path"]
-    if not base.is_file() or _sha256(base) != doc["stage1"]["sha256"]:
+    if not base.is_file() or sha256_of(base) != doc["stage1"]["sha256"]:
         raise ValueError(f"{table} was made from the stage-1 checkpoint {base}, which is missing or has changed")
     model, _ = load_model(base, device=device)
     with torch.no_grad():

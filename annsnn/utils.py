@@ -131,6 +131,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (which copy of a dataset or checkpoint it is)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (same scheme as :func:`save_checkpoint`); nothing is left behind if ``data`` is not JSON."""
     import json
