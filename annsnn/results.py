@@ -84,7 +84,8 @@ def steps_table(result: dict, labels=None) -> str:
 
 
 def plot_curves(result: dict, labels=None, ax=None):
-    """The stored accuracy curves against t, with the RNL network's own accuracy after stage 2 dashed."""
+    """The stored accuracy curves against t, with the RNL network's own accuracy after stage 2 on the same
+    images dashed."""
     import matplotlib.pyplot as plt
 
     from .plots import PAGE_WIDTH_IN, plot_accuracy_curves
@@ -92,9 +93,9 @@ def plot_curves(result: dict, labels=None, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(PAGE_WIDTH_IN, 5.2))
     labels = list(labels) if labels is not None else list(result["curves"])
-    ann = result["ann_test_acc"]["rnl_stage2"]
+    ann = result.get("ann_test_acc_simulated", result["ann_test_acc"])["rnl_stage2"]
     data = result["dataset"]["name"]
     plot_accuracy_curves({label: result["curves"][label] for label in labels}, ax=ax, references={"": ann},
-                         title=f"{result['settings']['model']} on {data}, stored {result['profile']} run\n"
-                               f"(dashed: the RNL ANN after stage 2, {ann:.1f}%)")
+                         title=f"{result['settings']['model']} on {data}, stored {result['profile']} run, "
+                               f"{simulated_images(result)} test images\n(dashed: the RNL ANN after stage 2, {ann:.1f}%)")
     return ax
