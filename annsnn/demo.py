@@ -174,6 +174,7 @@ class Frames:
         import matplotlib.pyplot as plt
 
         self.controls = controls
+        self.labels = {name: c.frame_labels() for name, c in controls.items()}   # what each frame value reads
         grids = [c.frames for c in controls.values()]
         count = 1
         for g in grids:
@@ -194,7 +195,7 @@ class Frames:
                                       zip(controls.values(), self._labels_of(values))))
 
     def _labels_of(self, values: dict) -> list[str]:
-        return [c.frame_labels()[c.frames.index(values[name])] for name, c in self.controls.items()]
+        return [self.labels[name][c.frames.index(values[name])] for name, c in self.controls.items()]
 
     def start(self) -> list[int]:
         """The frame index of each control closest to its live starting value."""
@@ -206,8 +207,7 @@ class Frames:
                 starts.append(min(range(len(c.frames)), key=lambda i: abs(c.frames[i] - c.value)))
         return starts
 
-    def _control_html(self, k: int, c: Control, start: int, uid: str) -> str:
-        labels = c.frame_labels()
+    def _control_html(self, k: int, c: Control, labels: list[str], start: int, uid: str) -> str:
         cid = f"{uid}-{k}"
         if len(labels) == 1:   # not varied here: say so, and keep its place in the frame index
             return (f'<div class="annsnn-control">{html.escape(c.label)}: {html.escape(labels[0])} (fixed in this '
@@ -224,10 +224,10 @@ class Frames:
     def _repr_html_(self) -> str:
         uid = "annsnn-demo-" + uuid.uuid4().hex[:8]
         starts = self.start()
-        controls = "".join(self._control_html(k, c, s, uid)
-                           for k, (c, s) in enumerate(zip(self.controls.values(), starts)))
+        controls = "".join(self._control_html(k, c, labels, s, uid) for k, (c, labels, s)
+                           in enumerate(zip(self.controls.values(), self.labels.values(), starts)))
         data = {"sizes": [len(c.frames) for c in self.controls.values()],
-                "labels": [c.frame_labels() for c in self.controls.values()],
+                "labels": list(self.labels.values()),
                 "frames": [base64.b64encode(f).decode("ascii") for f in self.frames], "alt": self.alt}
         first = 0
         for size, s in zip(data["sizes"], starts):

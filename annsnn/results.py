@@ -12,7 +12,6 @@ import html
 import json
 from pathlib import Path
 
-from .simulate import settles_at
 
 HOW_TO_MAKE = {
     "medium": "`annsnn reproduce --profile medium --data-root DIR --out runs/medium` (about an hour on two CPU "
@@ -76,7 +75,7 @@ def steps_table(result: dict, labels=None) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(label)}</td>"
         + "".join(f"<td>{v if v is not None else never}</td>" for v in result["steps_to"][label].values())
-        + f"<td>{settles_at(result['curves'][label], 1.0) or never}</td>"
+        + f"<td>{result['settles_at'][label] or never}</td>"
         + f"<td>{result['curves'][label][-1]:.2f}%</td></tr>"
         for label in labels)
     return (f"<table><tr><th>conversion</th>{head}<th>settles at (within 1 point of its accuracy at T = {T})</th>"

@@ -23,7 +23,7 @@ from . import distributed
 from .convert import neurons, reset, set_steps
 from .data import Split, batches
 from .rnl import RNL
-from .utils import left_as_found, mixed_precision
+from .utils import dtype_name, left_as_found, mixed_precision
 
 ENGINES = ("auto", "reference", "fast")
 
@@ -144,7 +144,8 @@ def simulate(snn: nn.Module, data: Split, T: int, batch_size: int = 256, device:
 
     ``engine``: ``"reference"`` (plain torch, any device), ``"fast"`` (fused Triton kernels in
     ``dtype``, by default the type that fits the device, :func:`~annsnn.utils.mixed_precision`:
-    bfloat16 on GPUs with bfloat16 tensor cores, float16 on older ones; ``torch.float32`` gives the reference's spikes exactly; on a GPU only with TF32 off,
+    bfloat16 on GPUs with bfloat16 tensor cores, float16 on older ones; ``torch.float32`` gives the
+    reference's spikes exactly; on a GPU only with TF32 off,
     ``torch.backends.cudnn.allow_tf32 = False``, since cuDNN otherwise rounds float32 convolutions to TF32
     in ways that differ between the two engines), or ``"auto"`` (fast on CUDA).
     ``cuda_graph`` replays each chunk of the fast engine as a CUDA graph.
@@ -172,7 +173,7 @@ def _simulate(snn: nn.Module, data: Split, T: int, batch_size: int, device: torc
             dtype = mixed_precision(device)
         snn = snn if isinstance(snn, FastSNN) else fuse_for_speed(snn, dtype)
         run = GraphedChunks(snn) if cuda_graph and device.type == "cuda" else snn
-        label = f"fast-{str(snn.dtype).removeprefix('torch.')}"
+        label = f"fast-{dtype_name(snn.dtype)}"
     data = distributed.shard_split(data)
     layers = neurons(snn)
     monitors: dict[str, _LayerMonitor] = {}

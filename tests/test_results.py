@@ -21,6 +21,7 @@ def _stored(tmp_path, profile="medium", images=2000):
         "simulated": {"images": images, "of": 10000},
         "ann_test_acc": {"rnl_stage2": 85.16}, "ann_test_acc_simulated": {"rnl_stage2": 85.55},
         "curves": curves, "steps_to": {"RNL + RIL, v(0)=0": {"80": 3}, "max-norm": {"80": None}},
+        "settles_at": {"RNL + RIL, v(0)=0": 3, "max-norm": 3},
     }
     folder = tmp_path / profile
     folder.mkdir(parents=True)
