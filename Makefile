@@ -17,7 +17,7 @@ EXACT   := tests/test_theory.py tests/test_theory_extra.py tests/test_convert_si
            tests/test_qcfs.py book/01_spiking_neurons.ipynb book/02_firing_rate.ipynb \
            book/03_fit_curve.ipynb book/04_rate_norm_layer.ipynb
 
-.PHONY: book test test-old-cpu check-html install lock clean release-check student-edition
+.PHONY: book test test-old-cpu check-html check-claims install lock clean release-check student-edition
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -44,6 +44,14 @@ check-html: $(STAMP)
 
 test-old-cpu: $(STAMP)
 	$(OLD_CPU) $(PYTHON) -m pytest $(EXACT) --nbval-lax -q
+
+# Every assertion of the training chapters (3-9) over ten networks: seeds 0-4, each with the default and
+# the old-CPU kernels (tools/check_claims.py); two settings at a time, one CPU thread each. Run it before
+# changing what a chapter claims. `make check-claims CLAIMS="--seeds 3 --kernels old"` runs one
+# setting (CI); `CLAIMS="--write"` also stores the summary in annsnn/stored/claims.json.
+CLAIMS ?=
+check-claims: $(STAMP)
+	$(PYTHON) tools/check_claims.py $(CLAIMS)
 
 lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock

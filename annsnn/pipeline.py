@@ -95,7 +95,7 @@ class _Laps:
 
 def prepare(profile: str = "quick", out_dir: str | Path | None = None, data_root: str | Path = "data", device=None,
             relu: bool = True, stage2: bool = True, progress: bool = False, data_note: str | None = None,
-            settings: dict | None = None, **overrides) -> dict:
+            settings: dict | None = None, seed: int | None = None, **overrides) -> dict:
     """Data and trained networks for a profile: load the checkpoints in ``out_dir`` if present, else train.
 
     Returns a dict with ``data``, ``profile`` (the settings), ``stage1`` (RNL network), and, if asked,
@@ -103,11 +103,16 @@ def prepare(profile: str = "quick", out_dir: str | Path | None = None, data_root
     and ``timing_s`` (seconds per step). Chapters call this so that each can run alone and later ones
     reuse earlier training; :func:`reproduce` calls it too. ``data_note`` is stored with the dataset's
     description (say which copy of the data was used). Profile settings are overridden by keyword
-    (``limit=100``) or by the dict ``settings``, which may also hold the ``stage1`` and ``stage2`` dicts.
+    (``limit=100``) or by the dict ``settings``, which may also hold the ``stage1`` and ``stage2`` dicts;
+    ``seed`` sets the seed of both stages (``annsnn reproduce --seed``).
     """
     from .utils import device as pick_device
 
-    prof = get_profile(profile, **{**(settings or {}), **overrides})
+    settings = {**(settings or {}), **overrides}
+    if seed is not None:
+        for stage in ("stage1", "stage2"):
+            settings[stage] = {**(settings.get(stage) or {}), "seed": seed}
+    prof = get_profile(profile, **settings)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     out_dir = Path(out_dir or f"runs/{profile}")
     timing: dict[str, float] = {}

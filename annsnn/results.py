@@ -1,10 +1,11 @@
-"""Stored runs of ``annsnn reproduce`` that the book shows beside its live runs (``book/results/<profile>/``).
+"""Stored runs of ``annsnn reproduce`` that the book shows beside its live runs (``annsnn/stored/<profile>/``).
 
 Chapters 5, 6, 7 and 9 train the ``quick`` profile live, in a minute on a CPU, and show next to it the
 stored CIFAR-10 runs: the ``medium`` profile, made on two CPU cores, and the paper-size ``full`` profile
 when a GPU run is stored. A stored file is ``curves.json`` exactly as ``reproduce`` wrote it, with the
 command, machine, date and data copy that made it; :func:`provenance` turns those into the line that
-stands beside every number a chapter quotes from it.
+stands beside every number a chapter quotes from it. The files are package data of ``annsnn``, so a
+chapter opened alone (on Colab, after its install cell) finds them wherever the package is installed.
 """
 from __future__ import annotations
 
@@ -12,21 +13,22 @@ import html
 import json
 from pathlib import Path
 
+STORED = Path(__file__).resolve().parent / "stored"   # installed with the package (pyproject.toml)
 
 HOW_TO_MAKE = {
-    "medium": "`annsnn reproduce --profile medium --data-root DIR --out runs/medium` (about an hour on two CPU "
+    "medium": "`annsnn reproduce --profile medium --data-root DIR --out runs/medium` (about 45 minutes on two CPU "
               "cores, minutes on a GPU)",
     "full": "`annsnn reproduce --profile full --data-root DIR --out runs/full` on a GPU",
 }
 
 
-def load(profile: str, root: str | Path = "results") -> dict | None:
-    """The stored ``curves.json`` of ``profile`` under ``root`` (chapters run in ``book/``), or None."""
+def load(profile: str, root: str | Path = STORED) -> dict | None:
+    """The stored ``curves.json`` of ``profile`` under ``root`` (the package's ``stored/``), or None."""
     path = Path(root) / profile / "curves.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def available(root: str | Path = "results", profiles=("medium", "full")) -> dict[str, dict]:
+def available(root: str | Path = STORED, profiles=("medium", "full")) -> dict[str, dict]:
     """The stored results of ``profiles`` found under ``root``, by profile name, in that order."""
     found = {name: load(name, root) for name in profiles}
     return {name: result for name, result in found.items() if result is not None}
@@ -40,8 +42,8 @@ def not_stored(stored: dict[str, dict], profiles=("medium", "full")) -> str:
 def missing(profile: str) -> str:
     """What to run to store a result for ``profile`` (Markdown)."""
     return (f"No `{profile}` result is stored with this book. Run {HOW_TO_MAKE.get(profile, 'annsnn reproduce')} "
-            f"with CIFAR-10 under `DIR`, then copy `curves.json` and `curves.png` to `book/results/{profile}/`; "
-            "`book/results/README.md` explains the steps.")
+            f"with CIFAR-10 under `DIR`, then copy `curves.json` and `curves.png` to `annsnn/stored/{profile}/`; "
+            "`annsnn/stored/README.md` explains the steps.")
 
 
 def simulated_images(result: dict) -> int:
@@ -62,7 +64,7 @@ def provenance(result: dict) -> str:
     return (f"Stored `{result['profile']}` run: `{result['settings']['model']}` on {data['name']} "
             f"({data.get('note') or data.get('source', '')}), {data['train']} training and {data['val']} validation "
             f"images, simulated on {sim}; made on {env['date'][:10]} with {machine}, torch {env['torch']}{prec}, "
-            f"by `{result['command']}` (how long each stage took: `book/results/README.md`).")
+            f"by `{result['command']}` (how long each stage took: `annsnn/stored/README.md`).")
 
 
 def steps_table(result: dict, labels=None) -> str:

@@ -12,7 +12,7 @@ from annsnn.rnl import rnl_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz"   # the offline copy, where the machine has it
-STORED = ROOT / "book" / "results" / "medium" / "curves.json"
+STORED = ROOT / "annsnn" / "stored" / "medium" / "curves.json"
 
 
 def test_vgg8_has_seven_spiking_layers_and_average_pooling():
@@ -55,7 +55,7 @@ def test_the_medium_profile_fits_the_promised_budget():
     assert prof["dataset"] == "cifar10" and prof["cpu_test_images"] >= 2000 and prof["T"] >= 128
 
 
-@pytest.mark.skipif(not STORED.exists(), reason="no stored medium run in book/results/medium yet")
+@pytest.mark.skipif(not STORED.exists(), reason="no stored medium run in annsnn/stored/medium yet")
 def test_the_stored_medium_run_says_what_made_it():
     result = json.loads(STORED.read_text())
     assert result["profile"] == "medium" and result["command"].startswith("annsnn reproduce --profile medium")

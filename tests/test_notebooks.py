@@ -97,7 +97,7 @@ def test_release_check_fails_until_the_repository_is_set(tmp_path):
     (tmp_path / "tools").mkdir()
     shutil.copy(ROOT / "tools" / "set_repository.py", tmp_path / "tools")
     shutil.copy(ROOT / "_config.yml", tmp_path)
-    shutil.copytree(ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("runs", "results", "*.md", "*.bib"))
+    shutil.copytree(ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("runs", "*.md", "*.bib"))
     tool = [sys.executable, str(tmp_path / "tools" / "set_repository.py")]
     placeholder = "/OWNER/" in _repository_url()
     first = subprocess.run(tool + ["--check"], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The README's results teaser is generated from book/results/quick/seeds.json by tools/quick_seeds.py.
+"""The README's results teaser is generated from annsnn/stored/quick/seeds.json by tools/quick_seeds.py.
 
 Nothing here reruns the seeds (that takes minutes); the tests read the stored file.
 """
