@@ -23,11 +23,12 @@ from .utils import device as pick_device
 from .utils import seed as seed_everything
 
 # One thread on a CPU. The book's CPU networks are small (8x8 digits), so every tensor operation is
-# small, and a second thread costs more in coordination than it gains: on two cores of the machine the
-# book was built on, one thread trained the quick network in about half the time two threads took, and
-# simulated it as fast. When other programs share the cores, several threads also wait on each other,
-# and a chapter can take several times as long. And one thread takes the machine's number of cores out
-# of the rounding of every sum, so readers' runs differ less.
+# small and a second thread gains little: on two idle cores of the machine the book was built on, two
+# threads trained the quick network about a sixth faster than one and simulated it about a third faster.
+# But when another program used one of the cores, two threads took nearly twice as long as one, because
+# each waits for the other; a reader's machine is rarely idle, and `make check-claims` runs two chapters
+# at once. One thread also takes the machine's number of cores out of the rounding of every sum, so
+# readers' runs differ less.
 CPU_THREADS = 1
 
 

@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = [(s, k) for k in args.kernels for s in args.seeds]
     start = time.monotonic()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"   # what the settings are about to run
 
     # One process per setting; a single setting with two or more jobs runs as its two PARTS at once.
     split = len(settings) == 1 and args.jobs >= 2
@@ -443,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))
         from annsnn.pipeline import environment
         summary["environment"] = environment()
-        summary["commit"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
+        summary["commit"] = commit
         STORED.parent.mkdir(parents=True, exist_ok=True)
         STORED.write_text(json.dumps(summary, indent=1) + "\n")
         print(f"wrote {STORED.relative_to(ROOT)}")
