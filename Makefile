@@ -31,8 +31,11 @@ book: $(STAMP)
 	$(PYTHON) tools/build_book.py
 	@echo "open _build/html/index.html"
 
+# pytest-xdist runs the tests on every core (at most 4 workers), each notebook's cells in one worker, in
+# order (--dist loadscope); TEST_JOBS=0 runs them all in this one process.
+TEST_JOBS ?= auto
 test: $(STAMP)
-	$(PYTHON) -m pytest tests book --nbval-lax -q; rc=$$?; \
+	$(PYTHON) -m pytest tests book --nbval-lax -q -n $(TEST_JOBS) --maxprocesses 4 --dist loadscope; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: check the test paths in the Makefile" >&2; fi; \
 	exit $$rc
 
@@ -46,9 +49,10 @@ test-old-cpu: $(STAMP)
 	$(OLD_CPU) $(PYTHON) -m pytest $(EXACT) --nbval-lax -q
 
 # Every assertion of the training chapters (3-9) over ten networks: seeds 0-4, each with the default and
-# the old-CPU kernels (tools/check_claims.py); two settings at a time, one CPU thread each. Run it before
-# changing what a chapter claims. `make check-claims CLAIMS="--seeds 3 --kernels old"` runs one
-# setting (CI); `CLAIMS="--write"` also stores the summary in annsnn/stored/claims.json.
+# the old-CPU kernels (tools/check_claims.py); two settings at a time (a single setting: two of its
+# chapters at a time), one CPU thread each. Run it before changing what a chapter claims.
+# `make check-claims CLAIMS="--seeds 3 --kernels old"` runs one setting (CI); `CLAIMS="--write"` also
+# stores the summary in annsnn/stored/claims.json.
 CLAIMS ?=
 check-claims: $(STAMP)
 	$(PYTHON) tools/check_claims.py $(CLAIMS)

@@ -26,9 +26,9 @@ from .utils import seed as seed_everything
 # small and a second thread gains little: on two idle cores of the machine the book was built on, two
 # threads trained the quick network about a sixth faster than one and simulated it about a third faster.
 # But when another program used one of the cores, two threads took nearly twice as long as one, because
-# each waits for the other; a reader's machine is rarely idle, and `make check-claims` runs two chapters
-# at once. One thread also takes the machine's number of cores out of the rounding of every sum, so
-# readers' runs differ less.
+# each waits for the other; a reader's machine is rarely idle, and `make book`, `make test` and
+# `make check-claims` execute a chapter per core at once. One thread also takes the machine's number of
+# cores out of the rounding of every sum, so readers' runs differ less.
 CPU_THREADS = 1
 
 

@@ -27,7 +27,7 @@ from .data import Dataset, load_dataset
 from .simulate import simulate
 from .train import (Stage1Config, Stage2Config, evaluate, load_model, model_config, model_from_config,
                     record_points, train_stage1, train_stage2)
-from .utils import load_checkpoint, save_checkpoint, write_json
+from .utils import folder_lock, load_checkpoint, save_checkpoint, write_json
 
 PROFILES: dict[str, dict] = {
     "quick": {
@@ -178,8 +178,14 @@ def run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool = True, devic
     """Train (or reuse, or resume) a stage-1 network in ``out_dir``; returns ``(model, metrics)``.
 
     A checkpoint made with other training settings (epochs, lambdas, data size, ...) is refused
-    rather than reused, so results are never labelled with settings they were not trained with.
+    rather than reused, so results are never labelled with settings they were not trained with. While
+    it trains, another process asking for the same folder waits (:func:`annsnn.utils.folder_lock`).
     """
+    with folder_lock(out_dir):
+        return _run_stage1(data, prof, out_dir, rnl, device, progress)
+
+
+def _run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool, device, progress: bool):
     settings = training_settings(prof, "stage1")
     done = out_dir / "stage1.pt"
     if done.exists():
@@ -203,8 +209,14 @@ def run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device=None, pro
     Every candidate already passed the accuracy guard, so the lowest Omega is the fastest network that
     stays within the tolerance. The choice is saved as ``out_dir/stage2.pt``, the only stage-2 network
     written in full; every accepted point of every lambda goes into ``out_dir/stage2_points.json``,
-    from which :func:`annsnn.train.load_point` rebuilds any of them in one call.
+    from which :func:`annsnn.train.load_point` rebuilds any of them in one call. Another process asking
+    for the same folder meanwhile waits, as in :func:`run_stage1`.
     """
+    with folder_lock(out_dir):
+        return _run_stage2(model, data, prof, out_dir, device, progress)
+
+
+def _run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device, progress: bool):
     chosen_path = out_dir / "stage2.pt"
     settings = training_settings(prof, "stage2")
     if chosen_path.exists():

@@ -1,10 +1,11 @@
-"""Small helpers shared by the whole package: device, seeding, atomic checkpoints."""
+"""Small helpers shared by the whole package: device, seeding, atomic checkpoints, a folder lock."""
 from __future__ import annotations
 
 import itertools
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,37 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike):
+    """Within the ``with`` block, hold the lock of ``folder``: another process asking for the lock of the
+    same folder waits until this one leaves the block.
+
+    The book's chapters can be executed two at a time (``make book``, ``make test``), and several of them
+    need the same trained networks: with the lock, the first trains them and the others wait, then load
+    them, instead of training the same networks side by side. The lock is ``fcntl.flock`` on a file in
+    the system's temporary folder named after the folder's absolute path, so nothing is created in (or
+    for) ``folder`` itself; the system releases it when the process ends, however it ends. The processes
+    of one distributed run (``WORLD_SIZE`` above 1, as torchrun sets it) train together and do not lock,
+    and where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no locking
+        fcntl = None
+    if fcntl is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    import hashlib
+
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"annsnn-{os.getuid()}-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

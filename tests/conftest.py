@@ -1,13 +1,20 @@
 import os
 
-import pytest
-import torch
-import torch.nn as nn
+# `make test` runs a pytest-xdist worker per core: each worker, and every process a test starts (a CLI
+# run, torchrun, a chapter's kernel), then computes on one thread, since two threads per process on a
+# busy core took up to four times as long. Without workers the suite runs on two threads.
+# OMP_NUM_THREADS, when set, decides.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
-from annsnn.data import load_dataset
-from annsnn.models import build_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-if "OMP_NUM_THREADS" not in os.environ:  # OMP_NUM_THREADS=1 runs the suite on one thread
+from annsnn.data import load_dataset  # noqa: E402
+from annsnn.models import build_model  # noqa: E402
+
+if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(2)
 
 

@@ -144,3 +144,23 @@ def test_duplicate_inline_scripts_are_dropped():
     context = {"script_files": scripts}
     ext._dedupe_scripts(None, "p", "t", context, None)
     assert [s.filename for s in context["script_files"]] == ["a.js", None, "a.js"]
+
+
+def _meeting(path: Path, me: str, other: str) -> Path:
+    """A notebook that leaves a mark, then waits (up to 60 s) for the mark of the notebook ``other``."""
+    return _notebook(path, f"from pathlib import Path\nimport time\nPath({me!r}).write_text('here')",
+                     f"deadline = time.monotonic() + 60\n"
+                     f"while not Path({other!r}).exists():\n"
+                     f"    assert time.monotonic() < deadline, 'the other chapter never ran at the same time'\n"
+                     f"    time.sleep(0.1)")
+
+
+def test_jobs_execute_chapters_at_the_same_time(tmp_path):
+    a = _meeting(tmp_path / "a.ipynb", str(tmp_path / "a.mark"), str(tmp_path / "b.mark"))
+    b = _meeting(tmp_path / "b.ipynb", str(tmp_path / "b.mark"), str(tmp_path / "a.mark"))
+    assert build_book.main(["--only", str(a), str(b), "--jobs", "2"]) == 0   # each waits for the other
+
+
+def test_jobs_below_one_are_refused(capsys):
+    assert build_book.main(["--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err

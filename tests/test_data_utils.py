@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +104,36 @@ def test_json_that_cannot_be_written_leaves_nothing_behind(tmp_path):
         write_json(path, {"acc": object()})  # not JSON
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
     assert path.read_text() == '{\n  "acc": 1.0\n}\n'
+
+
+def _waiter(folder, flag_file, **env):
+    """A Python process that takes ``folder``'s lock, then writes ``flag_file``."""
+    code = ("import sys; from pathlib import Path; from annsnn.utils import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    Path(sys.argv[2]).write_text('got it')\n")
+    environ = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    return subprocess.Popen([sys.executable, "-c", code, str(folder), str(flag_file)], env={**environ, **env})
+
+
+def test_a_second_process_waits_for_the_folder_lock_and_nothing_is_written_in_the_folder(tmp_path, monkeypatch):
+    from annsnn.utils import folder_lock
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    folder, other = tmp_path / "runs" / "quick", tmp_path / "other"
+    flag, other_flag = tmp_path / "flag", tmp_path / "other_flag"
+    with folder_lock(folder):
+        waiting, free = _waiter(folder, flag), _waiter(other, other_flag)
+        assert free.wait(timeout=120) == 0 and other_flag.exists()   # another folder's lock is free
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=3)                                    # this folder's lock is held
+        assert not flag.exists()
+    assert waiting.wait(timeout=120) == 0 and flag.read_text() == "got it"
+    assert not folder.exists() and not other.exists()   # the lock lives in the temporary folder
+
+
+def test_the_processes_of_one_distributed_run_do_not_lock(tmp_path, monkeypatch):
+    from annsnn.utils import folder_lock
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with folder_lock(tmp_path):
+        rank = _waiter(tmp_path, tmp_path / "flag", WORLD_SIZE="2")   # as torchrun sets it: ranks train together
+        assert rank.wait(timeout=120) == 0 and (tmp_path / "flag").exists()

@@ -2,6 +2,7 @@
 
     python tools/build_book.py                # what `make book` runs
     python tools/build_book.py --only book/03_fit_curve.ipynb --no-render
+    python tools/build_book.py --jobs 1       # one chapter at a time (default: one per CPU core, at most 4)
 
 Why the chapters are not executed by Jupyter Book itself
 --------------------------------------------------------
@@ -20,6 +21,12 @@ asks the socket directly whether a message is ready before it waits, so a reply 
 one slice at most and is never lost. Everything else (outputs, widget state, errors, timeouts)
 is nbclient's own. A cell that really does not finish stops the build after ``--cell-timeout``
 seconds, and a chapter after ``--chapter-timeout``, with a message naming the chapter and cell.
+
+Chapters run side by side, each in its own kernel (``--jobs``, one per CPU core by default): every
+chapter computes on one CPU thread (``annsnn.chapter``), so on two cores two chapters at once take a
+little more than half the time of one after the other. Chapters that need the same trained networks
+wait for the one that trains them (``annsnn.utils.folder_lock``). Each chapter's lines in the log say
+when it started and how long it took.
 
 The executed notebooks go to ``_build/source`` (a copy of the book's sources with execution
 switched off), and Jupyter Book renders that copy into ``_build/html``.
@@ -40,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Empty
 
@@ -51,6 +59,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "_build" / "source"   # the executed copy that Jupyter Book renders
 POLL_SECONDS = 0.2
+MAX_JOBS = 4
 
 
 def _sliced(get_msg):
@@ -132,6 +141,17 @@ def execute(path: Path, cell_timeout: int = 600, chapter_timeout: int = 1200):
                            + "\n".join(trace[-25:])) from None
 
 
+def default_jobs() -> int:
+    """How many chapters to execute at once: one per CPU core, at most ``MAX_JOBS``.
+
+    Every chapter runs its tensors on one CPU thread (``annsnn.chapter``), so two chapters on two cores
+    take about half the time of one after the other. Chapters that need the same trained networks do not
+    train them twice: the first trains them, the others wait for it (``annsnn.utils.folder_lock``). The
+    cap keeps the memory of the kernels (up to about 1 GB each) small on machines with many cores.
+    """
+    return max(1, min(MAX_JOBS, os.cpu_count() or 1))
+
+
 def toc_files(root: Path = ROOT) -> list[str]:
     """Every file named in ``_toc.yml`` (root first), without suffix, in book order."""
     toc = yaml.safe_load((root / "_toc.yml").read_text())
@@ -155,6 +175,26 @@ def prepare_source() -> None:
     shutil.copytree(ROOT / "annsnn", SOURCE / "annsnn", ignore=skip)   # the appendix includes its source
 
 
+def _execute_one(i: int, path: Path, cell_timeout: int, args) -> str | None:
+    """Execute one chapter (printing when it starts and ends) and keep the executed copy for rendering;
+    return why it failed, or None."""
+    t0, name, of = time.monotonic(), _shown(path), f"[{i}/{args.total}]"
+    print(f"{of} executing {name}", flush=True)
+    try:
+        nb = execute(path, cell_timeout, args.chapter_timeout)
+    except RuntimeError as err:
+        print(f"{of} {name} FAILED after {time.monotonic() - t0:.1f} s", flush=True)
+        return str(err)
+    if args.demos == "frames" and "widgets" in nb.metadata:
+        print(f"{of} {name} FAILED: it left ipywidgets state", flush=True)
+        return (f"{name} created ipywidgets, which need a kernel and load a widget manager from the "
+                "internet: build its demos with annsnn.demo.demo")
+    print(f"{of} {name} executed in {time.monotonic() - t0:.1f} s", flush=True)
+    if not args.only:
+        nbformat.write(nb, SOURCE / path.relative_to(ROOT))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", type=Path, help="execute these notebooks only (implies --no-render)")
@@ -162,9 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=None,
                         help="seconds one cell may take (default: execute.timeout in _config.yml)")
     parser.add_argument("--chapter-timeout", type=int, default=1200, help="seconds one chapter may take")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="chapters executed at once (default: the CPU cores, at most 4)")
     parser.add_argument("--demos", choices=("frames", "live"), default="frames",
                         help="demos as precomputed frames (the HTML book) or live ipywidgets (needs a kernel)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"build_book: --jobs {args.jobs} is not a number of chapters; give 1 or more", file=sys.stderr)
+        return 2
     os.environ["ANNSNN_DEMOS"] = args.demos   # the kernels inherit it
 
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -180,26 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [ROOT / f"{f}.ipynb" for f in toc_files() if (ROOT / f"{f}.ipynb").exists()]
         render = not args.no_render
         prepare_source()
+    args.total = len(notebooks)
 
-    failures, start = [], time.monotonic()
-    for i, path in enumerate(notebooks, 1):
-        t0 = time.monotonic()
-        name = _shown(path)
-        print(f"[{i}/{len(notebooks)}] executing {name}", flush=True)
-        try:
-            nb = execute(path, cell_timeout, args.chapter_timeout)
-        except RuntimeError as err:
-            print(f"[{i}/{len(notebooks)}] {name} FAILED after {time.monotonic() - t0:.1f} s", flush=True)
-            failures.append(str(err))
-            continue
-        if args.demos == "frames" and "widgets" in nb.metadata:
-            print(f"[{i}/{len(notebooks)}] {name} FAILED: it left ipywidgets state", flush=True)
-            failures.append(f"{name} created ipywidgets, which need a kernel and load a widget manager from the "
-                            "internet: build its demos with annsnn.demo.demo")
-            continue
-        print(f"[{i}/{len(notebooks)}] {name} executed in {time.monotonic() - t0:.1f} s", flush=True)
-        if not args.only:
-            nbformat.write(nb, SOURCE / path.relative_to(ROOT))
+    jobs = max(1, min(args.jobs, len(notebooks)))
+    print(f"executing {len(notebooks)} notebooks, {jobs} at a time", flush=True)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:   # each chapter runs in a kernel process of its own
+        outcomes = pool.map(lambda item: _execute_one(*item, cell_timeout, args), enumerate(notebooks, 1))
+        failures = [message for message in outcomes if message]
     print(f"executed {len(notebooks) - len(failures)} of {len(notebooks)} notebooks in {time.monotonic() - start:.0f} s")
     if failures:
         for message in failures:

@@ -20,9 +20,10 @@ PATH`` reads another summary, and ``--teacher-check`` exits 1 if the page differ
 
 Each setting runs in its own folder under ``--work`` (default ``_build/claims``), with its own
 ``runs/``, as a separate process; ``--jobs 2`` (the default) runs two at once, each chapter on one CPU
-thread (``annsnn.chapter``). A single setting with two jobs runs as two independent sequences of
-chapters at once (``PARTS``). With the quick profile a setting takes about ten minutes on one core; all
-ten settings about an hour on two. ``--reuse-runs`` keeps the networks the previous check trained.
+thread (``annsnn.chapter``). A single setting with two jobs executes two of its chapters at a time, in
+one folder: chapters that need the same networks wait for the one that trains them (``START_ORDER``).
+With the quick profile a setting takes about six minutes on one core (three and a half on two); all ten
+settings about an hour on two. ``--reuse-runs`` keeps the networks the previous check trained.
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ from build_book import execute  # noqa: E402  (the book's own executor: sliced p
 
 CHAPTERS = ["03_fit_curve", "04_rate_norm_layer", "05_stage1", "06_stage2", "07_conversion", "08_spikingjelly",
             "09_beyond"]
+# The order in which a setting starts its chapters when it runs several at once: chapter 7 trains all
+# three networks (stage 1, the ReLU twin, stage 2) and 9 needs stage 2, so 9 trains stage 2 while 7
+# trains the twin; then the longest chapters first, so that the last to finish are short.
+START_ORDER = ["07_conversion", "09_beyond", "03_fit_curve", "08_spikingjelly", "06_stage2", "04_rate_norm_layer",
+               "05_stage1"]
 OLD_CPU = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 STORED = ROOT / "annsnn" / "stored" / "claims.json"
 TEACHER = ROOT / "book" / "teacher.md"
@@ -147,12 +153,6 @@ def rewrite(nb, chapter: str, record: Path):
     return nb
 
 
-# When one setting is checked with two jobs, its chapters run as these two independent sequences, each in
-# a folder of its own that trains the networks it needs (the same networks: same seed, kernels, threads).
-PARTS = {"a": ["03_fit_curve", "04_rate_norm_layer", "05_stage1", "06_stage2", "09_beyond"],
-         "b": ["07_conversion", "08_spikingjelly"]}
-
-
 def assertion_ids(chapters: list[str] = CHAPTERS) -> set[str]:
     """The id of every assert in the chapters as they are now (what a check records for each)."""
     ids = set()
@@ -170,14 +170,14 @@ def setting_name(seed: int, kernels: str) -> str:
     return f"seed{seed}-{kernels}"
 
 
-def run_setting(seed: int, kernels: str, chapters: list[str], work: Path, part: str | None = None,
-                reuse: bool = False) -> dict:
-    """Execute the chapters in a fresh folder with this seed and these kernels (in this process).
+def run_setting(seed: int, kernels: str, chapters: list[str], work: Path, reuse: bool = False, jobs: int = 1) -> dict:
+    """Execute the chapters in a fresh folder with this seed and these kernels (in this process), ``jobs``
+    chapters at a time (chapters that need the same networks wait for the one that trains them).
 
     With ``reuse``, the networks an earlier check trained in that folder (its ``runs/``) are kept; the
     chapters then load them instead of training them again (the same networks, if the training code and
     the machine have not changed)."""
-    folder = work / (setting_name(seed, kernels) + (f"-{part}" if part else ""))
+    folder = work / setting_name(seed, kernels)
     kept = work / f".runs-{folder.name}"
     if kept.exists():
         shutil.rmtree(kept)
@@ -193,7 +193,8 @@ def run_setting(seed: int, kernels: str, chapters: list[str], work: Path, part: 
     if kernels == "old":
         os.environ.update(OLD_CPU)
     outcome = {"seed": seed, "kernels": kernels, "chapters": {}}
-    for chapter in chapters:
+
+    def one(chapter: str) -> None:   # every kernel appends its records to the same file, a line at a time
         path = folder / f"{chapter}.ipynb"
         nbformat.write(rewrite(nbformat.read(path, as_version=4), chapter, record), path)
         t0 = time.monotonic()
@@ -203,6 +204,10 @@ def run_setting(seed: int, kernels: str, chapters: list[str], work: Path, part: 
         except RuntimeError as err:
             outcome["chapters"][chapter] = {"seconds": round(time.monotonic() - t0, 1), "error": str(err)[:2000]}
         print(f"{folder.name}: {chapter} {outcome['chapters'][chapter]}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, sorted(chapters, key=lambda c: START_ORDER.index(c) if c in START_ORDER else 99)))
+    outcome["chapters"] = {c: outcome["chapters"][c] for c in chapters}   # in book order
     claims, observed = {}, {}
     for line in record.read_text().splitlines() if record.exists() else []:
         entry = json.loads(line)
@@ -378,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--kernels", nargs="+", choices=("default", "old"), default=["default", "old"])
     parser.add_argument("--chapters", nargs="+", default=CHAPTERS, help="chapter names, e.g. 06_stage2")
-    parser.add_argument("--jobs", type=int, default=2, help="settings run at once (one CPU thread each)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="chapters executed at once, over all settings (one CPU thread each)")
     parser.add_argument("--work", type=Path, default=ROOT / "_build" / "claims")
     parser.add_argument("--write", action="store_true", help=f"store the summary in {STORED.relative_to(ROOT)}")
     parser.add_argument("--teacher", action="store_true",
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the networks the last check trained in each setting's folder (faster; the same "
                              "networks as long as the training code and the machine are the same)")
     parser.add_argument("--one", nargs=2, metavar=("SEED", "KERNELS"), help=argparse.SUPPRESS)  # a child process
-    parser.add_argument("--part", help=argparse.SUPPRESS)  # a child process running one of PARTS
+    parser.add_argument("--chapter-jobs", type=int, default=1, help=argparse.SUPPRESS)  # the child's chapters at once
     args = parser.parse_args(argv)
     if args.teacher or args.teacher_check:
         return teacher(args.stored, check=args.teacher_check)
@@ -400,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"check_claims: no chapter book/{unknown[0]}.ipynb; name chapters like 06_stage2", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"check_claims: --jobs {args.jobs} is not a number of chapters; give 1 or more", file=sys.stderr)
+        return 2
     if args.one:
-        run_setting(int(args.one[0]), args.one[1], args.chapters, args.work, args.part, args.reuse_runs)
+        run_setting(int(args.one[0]), args.one[1], args.chapters, args.work, args.reuse_runs, args.chapter_jobs)
         return 0
 
     settings = [(s, k) for k in args.kernels for s in args.seeds]
@@ -409,38 +418,30 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"   # what the settings are about to run
 
-    # One process per setting; a single setting with two or more jobs runs as its two PARTS at once.
-    split = len(settings) == 1 and args.jobs >= 2
-    tasks = [(s, k, part, [c for c in args.chapters if c in PARTS[part]]) for s, k in settings for part in PARTS] \
-        if split else [(s, k, None, args.chapters) for s, k in settings]
-    tasks = [t for t in tasks if t[3]]
+    # One process per setting, up to --jobs settings at once; with fewer settings than jobs, each setting
+    # executes several of its chapters at once (one setting and two jobs: two chapters at a time).
+    at_once = min(args.jobs, len(settings))
+    chapter_jobs = max(1, args.jobs // len(settings))
 
-    def child(task):
-        seed, kernels, part, chapters = task
+    def child(setting):
+        seed, kernels = setting
         command = [sys.executable, __file__, "--one", str(seed), kernels, "--work", str(args.work),
-                   "--chapters", *chapters] + (["--part", part] if part else []) + \
+                   "--chapters", *args.chapters, "--chapter-jobs", str(chapter_jobs)] + \
                   (["--reuse-runs"] if args.reuse_runs else [])
         subprocess.run(command, check=False)
-        path = args.work / (setting_name(seed, kernels) + (f"-{part}" if part else "")) / "outcome.json"
+        path = args.work / setting_name(seed, kernels) / "outcome.json"
         if not path.exists():
             return {"seed": seed, "kernels": kernels, "claims": {}, "observed": {},
-                    "chapters": {f"({part or 'all'})": {"seconds": 0, "error": "the process wrote no outcome"}}}
+                    "chapters": {"(all)": {"seconds": 0, "error": "the process wrote no outcome"}}}
         return json.loads(path.read_text())
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(child, tasks))
-    outcomes = {}
-    for result in results:   # the parts of a setting merged into one outcome
-        merged = outcomes.setdefault((result["seed"], result["kernels"]), {
-            "seed": result["seed"], "kernels": result["kernels"], "chapters": {}, "claims": {}, "observed": {}})
-        for key in ("chapters", "claims", "observed"):
-            merged[key].update(result[key])
-    outcomes = list(outcomes.values())
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        outcomes = list(pool.map(child, settings))
     summary = summarize(outcomes)
     summary["command"] = "python tools/check_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
     bad = report(summary)
-    print(f"check_claims: {len(settings)} settings in {time.monotonic() - start:.0f} s"
-          + (" (each as two parts at once)" if split else ""))
+    print(f"check_claims: {len(settings)} settings in {time.monotonic() - start:.0f} s, {at_once} at a time, "
+          f"{chapter_jobs} chapter{'s' * (chapter_jobs > 1)} of each at a time")
     if args.write:
         sys.path.insert(0, str(ROOT))
         from annsnn.pipeline import environment
