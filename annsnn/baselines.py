@@ -38,7 +38,8 @@ from .utils import left_as_found
 def activation_thresholds(model: nn.Module, data: Split, percentile: float = 100.0, batch_size: int = 256,
                           device: torch.device | str | None = None, max_images: int | None = None,
                           nonzero: bool = True) -> dict[str, float]:
-    """Per-ReLU threshold from the activations of ``model`` on ``data`` (use the training split).
+    """Per-ReLU threshold from the activations of ``model`` on ``data`` (use the training split;
+    ``max_images`` keeps that many of it, every class equally represented: :meth:`Split.balanced_subset`).
 
     ``percentile=100`` (max-norm, Diehl et al. 2015) gives the largest activation of each ReLU over
     all images. Diehl et al.'s normalisation factor is ``max(largest weight, largest activation)`` of
@@ -71,7 +72,7 @@ def activation_thresholds(model: nn.Module, data: Split, percentile: float = 100
     relus = {n: m for n, m in model.named_modules() if isinstance(m, nn.ReLU)}
     if not relus:
         raise ValueError("the model has no nn.ReLU modules; threshold balancing needs a plain ReLU network")
-    data = data.subset(max_images)
+    data = data if max_images is None else data.balanced_subset(max_images)   # every class, whatever the order
 
     def run(hook) -> None:
         """Run ``model`` on ``data`` with ``hook(name, activations)`` called on every ReLU's flat output."""

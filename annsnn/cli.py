@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--lr", type=_positive)
     p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--batchnorm", choices=("frozen", "follow"),
+                   help="BatchNorm statistics: the stage-1 ones (frozen), or re-estimated at every check as the "
+                        "threshold scale moves (follow); default: the profile's")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     _common(p)
 
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only this many training and test images")
     p.add_argument("--val-fraction", type=_non_negative, help="share of the training set held out for validation")
     p.add_argument("--tol", type=_non_negative, help="stage-2 accuracy guard in percentage points of validation accuracy")
+    p.add_argument("--batchnorm", choices=("frozen", "follow"),
+                   help="stage 2's BatchNorm statistics: frozen, or following the threshold scale; default: the profile's")
     p.add_argument("--data-note", help="what copy of the data this is, stored with the results")
     p.add_argument("--seed", type=int, default=0, help="seed of stage 1 (initialisation and data order of the RNL "
                    "network and of the ReLU twin) and of stage 2 (data order); default 0")
@@ -175,7 +180,8 @@ def cmd_tune(args) -> int:
     prof = get_profile(payload["config"].get("profile", "quick"))
     lams = args.lam or prof["lams"]
     stage2 = {**prof["stage2"], **{k: v for k, v in (("tol", args.tol), ("epochs", args.epochs), ("lr", args.lr),
-                                                       ("batch_size", args.batch_size)) if v is not None}}
+                                                       ("batch_size", args.batch_size), ("batchnorm", args.batchnorm))
+                                   if v is not None}}
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     for lam in lams:
         run = train_stage2(copy.deepcopy(model), data, Stage2Config(lam=lam, **stage2), out_dir=out,
@@ -229,7 +235,7 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out or f"runs/{args.profile}")
     prof_overrides = {"T": args.T, "limit": args.limit, "val_fraction": args.val_fraction,
                       "stage1": {"epochs": args.epochs, "seed": args.seed},
-                      "stage2": {"tol": args.tol, "seed": args.seed}}
+                      "stage2": {"tol": args.tol, "seed": args.seed, "batchnorm": args.batchnorm}}
     result = reproduce(args.profile, out, data_root=args.data_root, device=args.device, progress=not args.quiet,
                        data_note=args.data_note, **prof_overrides)
     ann = result["ann_test_acc"]["rnl_stage2"]

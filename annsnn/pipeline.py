@@ -240,6 +240,13 @@ def _run_stage2(model, data: Dataset, prof: dict, out_dir: Path, device, progres
     return tuned, metrics
 
 
+def calibration_images(data: Dataset, prof: dict):
+    """The training images the baselines' thresholds are measured on: ``calib_images`` of them (5,000 by
+    default) with every class equally represented. The first images of a split sorted by class (as the
+    offline CIFAR-10 copy is) would be one or two classes only, and give other thresholds."""
+    return data.train.balanced_subset(prof.get("calib_images", 5000))
+
+
 def _config_of(out_dir: Path) -> dict:
     return load_checkpoint(out_dir / "stage1.pt")["config"]
 
@@ -321,7 +328,7 @@ def reproduce(profile: str = "quick", out_dir: str | Path = "runs/quick", data_r
         "RNL + RIL, v(0)=theta/2": simulate(convert(tuned, v0="half"), test, **sim),
     }
     lap("simulate_rnl")
-    train_sub = data.train.subset(prof.get("calib_images", 5000))
+    train_sub = calibration_images(data, prof)
     for label, pct in (("max-norm", 100.0), (f"robust-norm {prof['robust_percentile']:g}%", prof["robust_percentile"])):
         v_th = activation_thresholds(relu, train_sub, percentile=pct, device=device)
         curves[label] = simulate(convert_relu(relu, v_th), test, **sim)

@@ -75,6 +75,10 @@ class Stage2Config:
     evals_per_epoch: int = 4  # how often the guard checks the validation split
     aug: dict = field(default_factory=dict)
     seed: int = 0
+    # "frozen": BatchNorm keeps the stage-1 statistics; "follow": BatchNorm follows the threshold scale
+    # (batch statistics in the steps, statistics re-estimated on bn_images training images at every check)
+    batchnorm: str = "frozen"
+    bn_images: int = 2000
 
     def check(self) -> None:
         if self.lam < 0:
@@ -83,6 +87,10 @@ class Stage2Config:
             raise ValueError(f"tolerance must be non-negative percentage points, got {self.tol}")
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.evals_per_epoch <= 0:
             raise ValueError("epochs, batch size, learning rate and evals per epoch must be positive")
+        if self.batchnorm not in ("frozen", "follow"):
+            raise ValueError(f"batchnorm must be 'frozen' or 'follow', got {self.batchnorm!r}")
+        if self.bn_images <= 0:
+            raise ValueError(f"bn_images must be positive, got {self.bn_images}")
 
 
 def model_config(model_name: str, data: Dataset, p: float = 0.95) -> dict:
@@ -430,6 +438,73 @@ def check_validation_split(n_val: int, tol: float | None = None) -> None:
                          f"or a tolerance of at least {100 / n_val:.3g}")
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm of ``model`` (1-d, 2-d or 3-d), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm buffer of ``model`` (running mean and variance, batches counted), by name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(m)]}.{k}": v.detach().clone() for m in batchnorm_layers(model)
+            for k, v in m.named_buffers(recurse=False)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: Split, batch_size: int = 256,
+                          device: torch.device | str | None = None) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on ``images``, at the network's current
+    threshold scale.
+
+    Lowering the shared threshold scale p by a factor c multiplies every RNL's unclipped output by about
+    1/c, so the next convolution's output changes scale too, and statistics measured at stage 1's p
+    no longer normalise it. Here each BatchNorm's statistics are reset and then averaged over the
+    batches of ``images`` (in their order, no augmentation, every batch of the same size), with every
+    other module in evaluation mode and the RNL maxima locked. The same images in the same order give
+    the same statistics on the same machine. The model's modes and locks are restored.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    momenta = [m.momentum for m in layers]
+    locks = [(r, r.locked) for r in rnl_layers(model).values()]
+    batch_size = min(batch_size, len(images))
+    with left_as_found(model):
+        model.eval()
+        lock_max(model, True)
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None   # a cumulative average over the batches
+            m.train()
+        try:
+            for x, _ in batches(images, batch_size, device=device, drop_last=True):
+                model(x)
+        finally:
+            for m, momentum in zip(layers, momenta):
+                m.momentum = momentum
+            for r, flag in locks:
+                r.locked = flag
+
+
+class _BatchStatistics:
+    """Within the block, every BatchNorm normalises with its batch's statistics and leaves its running
+    statistics as they are (stage 2's steps when BatchNorm follows the threshold scale)."""
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self.layers = batchnorm_layers(model) if enabled else []
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.momentum, m.training) for m in self.layers]
+        for m in self.layers:
+            m.momentum = 0.0   # running = (1 - 0) * running + 0 * batch: unchanged
+            m.train()
+
+    def __exit__(self, *exc) -> None:
+        for m, momentum, training in self.saved:
+            m.momentum, m.training = momentum, training
+
+
 class _OnlyScaleTrains:
     """Stage 2's setting, undone on exit: eval mode, running maxima locked, gradients for the scales only."""
 
@@ -463,8 +538,12 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
                  progress: bool = False, base_checkpoint: str | Path | None = None) -> dict:
     """Stage 2: train only the shared threshold scale with the Rate Inference Loss.
 
-    The running maxima are locked and BatchNorm statistics stay frozen (the network runs in eval
-    mode; only ``scale`` receives gradients). The guard measures validation accuracy and the network
+    The running maxima are locked and the network runs in eval mode; only ``scale`` receives
+    gradients. BatchNorm keeps the stage-1 statistics with ``cfg.batchnorm="frozen"``; with ``"follow"``
+    it follows the threshold scale: the steps normalise with each batch's statistics, and before every
+    check of the guard the statistics are re-estimated at the current scale on ``cfg.bn_images``
+    training images (:func:`recalibrate_batchnorm`; a fixed, seeded choice with every class equally
+    represented), so the network the guard measures, and the one kept, carries them. The guard measures validation accuracy and the network
     Omega ``cfg.evals_per_epoch`` times per epoch. A check whose accuracy is within ``cfg.tol``
     percentage points of the stage-1 network's is an *accepted point*; the accepted point with the
     lowest Omega is *kept*, and ``model`` ends holding it (the stage-1 network itself if nothing
@@ -506,14 +585,20 @@ def _stage2_loop(model: nn.Module, data: Dataset, cfg: Stage2Config, scales: lis
     optimizer = torch.optim.SGD(scales, lr=cfg.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(cfg.seed)
     val_split, train_split = data.val.to(device), data.train.to(device)
+    follow = cfg.batchnorm == "follow" and bool(batchnorm_layers(model))
+    # the fixed images BatchNorm's statistics are re-estimated on: every class equally, a seeded choice
+    bn_split = data.train.balanced_subset(cfg.bn_images, seed=cfg.seed).to(device) if follow else None
 
     def check(step: int, loss: float | None) -> dict:
+        if follow and step > 0:   # step 0 is the stage-1 network as it is
+            recalibrate_batchnorm(model, bn_split, cfg.batch_size, device)
         val = evaluate(model, val_split, device=device, with_omega=True)
         return {"step": step, "loss": loss, "val_acc": val["acc"], "val_omega": val["omega"],
                 "p": _mean_p(model), "scales": [float(q.detach()) for q in scales]}
 
     base = check(0, None)
     history, points = [base], [base]
+    bn_states: dict[int, dict[str, torch.Tensor]] = {}   # step -> BatchNorm buffers, when they follow p
     kept, kept_state = base, {k: v.detach().clone() for k, v in model.state_dict().items()}
     steps_per_epoch = max(1, len(train_split) // cfg.batch_size)
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
@@ -530,7 +615,7 @@ def _stage2_loop(model: nn.Module, data: Dataset, cfg: Stage2Config, scales: lis
                             drop_last=True, shard=shard):
             with torch.no_grad():
                 target = teacher(x)
-            with OmegaProbe(model) as probe:
+            with OmegaProbe(model) as probe, _BatchStatistics(model, follow):
                 out = net(x)
                 loss = rate_inference_loss(out, target, probe.batch_omega(global_batch=True), cfg.lam)
             optimizer.zero_grad(set_to_none=True)
@@ -543,6 +628,8 @@ def _stage2_loop(model: nn.Module, data: Dataset, cfg: Stage2Config, scales: lis
             history.append(entry)
             if entry["val_acc"] >= base["val_acc"] - cfg.tol:  # the guard
                 points.append(entry)
+                if follow:   # the statistics it was measured with rebuild it (record_points, load_point)
+                    bn_states[step] = batchnorm_state(model)
                 if entry["val_omega"] < kept["val_omega"]:
                     kept, kept_state = entry, {k: v.detach().clone() for k, v in model.state_dict().items()}
             if progress:
@@ -551,10 +638,12 @@ def _stage2_loop(model: nn.Module, data: Dataset, cfg: Stage2Config, scales: lis
     model.load_state_dict(kept_state)
     for entry in points:
         entry["name"] = point_name(cfg.lam, entry)
+        entry["batchnorm"] = "re-estimated" if entry["step"] in bn_states else "stage 1"
     return {"lam": cfg.lam, "base": {"acc": base["val_acc"], "omega": base["val_omega"]},
             "kept": {"step": kept["step"], "val_acc": kept["val_acc"], "omega": kept["val_omega"], "p": kept["p"],
                      "name": kept["name"], "path": None},
-            "history": history, "points": points, "thresholds": thresholds(model)}
+            "history": history, "points": points, "thresholds": thresholds(model),
+            "batchnorm_states": {point_name(cfg.lam, e): bn_states[e["step"]] for e in points if e["step"] in bn_states}}
 
 
 def point_name(lam: float, entry: dict) -> str:
@@ -570,6 +659,11 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
     them in one call from ``base_checkpoint`` (stored relative to the table, with its SHA-256) and
     the point's scale. A run for a lambda already in the table replaces that lambda's points.
     ``chosen`` names the point the caller picked, if any.
+
+    When BatchNorm followed the threshold scale (``Stage2Config.batchnorm="follow"``), a point is the
+    stage-1 network with its scale *and* the BatchNorm statistics it was measured with: those go into
+    the tensor file :func:`batchnorm_table` beside the table (a few numbers per channel and point), so
+    that :func:`load_point` rebuilds exactly the network the guard measured, on any machine.
     """
     from .utils import write_json
 
@@ -581,13 +675,32 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
         if doc["stage1"]["sha256"] != ref["sha256"]:
             raise ValueError(f"{table} records points of another stage-1 network ({doc['stage1']['path']}); "
                              "choose another output folder")
+    states_path = batchnorm_table(table)
+    states = _batchnorm_states(states_path) if states_path.exists() else {}
     for run in runs:
+        dropped = {q["name"] for q in doc["points"] if q["lam"] == run["lam"]}
+        states = {name: v for name, v in states.items() if name not in dropped}
+        states.update(run.get("batchnorm_states", {}))
         doc["points"] = [q for q in doc["points"] if q["lam"] != run["lam"]]
         doc["points"] += [{"lam": run["lam"], **{k: v for k, v in e.items() if k != "loss"}} for e in run["points"]]
         doc["kept"][f"{run['lam']:g}"] = run["kept"]["name"]
     if chosen is not None:
         doc["chosen"] = chosen
+    if states:
+        save_checkpoint(states_path, {"kind": "stage2_batchnorm", "config": {"table": table.name},
+                                      "model": states})
     return write_json(table, doc)
+
+
+def batchnorm_table(table: str | Path) -> Path:
+    """The tensor file beside a points table that holds its points' BatchNorm statistics, when they followed p."""
+    table = Path(table)
+    return table.with_name(f"{table.stem}_batchnorm.pt")
+
+
+def _batchnorm_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The BatchNorm statistics of every point in the file :func:`batchnorm_table` names, by point name."""
+    return load_checkpoint(path)["model"]
 
 
 def load_point(table: str | Path, name: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -610,6 +723,16 @@ def load_point(table: str | Path, name: str, device: torch.device | str = "cpu")
     with torch.no_grad():
         for q, value in zip(scale_parameters(model), point["scales"]):
             q.fill_(value)
+    if point.get("batchnorm") == "re-estimated":
+        path = batchnorm_table(table)
+        states = _batchnorm_states(path) if path.is_file() else {}
+        if name not in states:
+            raise ValueError(f"{table}: point {name!r} was measured with re-estimated BatchNorm statistics, "
+                             f"and {path} does not hold them; run stage 2 again")
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for key, value in states[name].items():
+                buffers[key].copy_(value)
     return model, point
 
 

@@ -74,10 +74,27 @@ def test_max_norm_is_the_maximum(nonzero):
     assert got == {name: a.max().item() for name, a in acts.items()}
 
 
-def test_max_images_uses_the_first_images():
-    model, split = tiny_model(), tiny_split()
+def _sorted_by_class(split: Split) -> Split:
+    order = torch.argsort(split.y, stable=True)
+    return Split(split.x[order], split.y[order])
+
+
+def test_max_images_takes_every_class_even_from_a_split_sorted_by_class():
+    model, split = tiny_model(), _sorted_by_class(tiny_split())   # as the offline CIFAR-10 copy is sorted
     got = activation_thresholds(model, split, percentile=PERCENTILE, batch_size=16, max_images=50)
-    assert got == activation_thresholds(model, split.subset(50), percentile=PERCENTILE, batch_size=16)
+    assert got == activation_thresholds(model, split.balanced_subset(50), percentile=PERCENTILE, batch_size=16)
+    assert got != activation_thresholds(model, split.subset(50), percentile=PERCENTILE, batch_size=16)
+
+
+def test_the_baselines_calibrate_on_every_class_of_a_split_sorted_by_class(digits):
+    from annsnn.data import Dataset
+    from annsnn.pipeline import calibration_images, get_profile
+
+    data = Dataset(digits.name, _sorted_by_class(digits.train), digits.val, digits.test, digits.classes,
+                   digits.mean, digits.std, digits.info)
+    chosen = calibration_images(data, {**get_profile("quick"), "calib_images": 200})
+    counts = torch.bincount(chosen.y, minlength=10)
+    assert len(chosen) == 200 and counts.min() == counts.max() == 20
 
 
 def test_a_silent_layer_gets_a_tiny_threshold():
@@ -119,3 +136,4 @@ def test_bad_percentile_raises(percentile):
 def test_a_model_without_relu_raises():
     with pytest.raises(ValueError, match="no nn.ReLU"):
         activation_thresholds(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_split())
+

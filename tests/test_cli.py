@@ -89,6 +89,25 @@ def test_simulate_and_tune_from_checkpoints(quick_run, capsys, tmp_path):
     kept = next(q for q in table["points"] if q["name"] == table["kept"]["0.01"])
     want = [] if kept["step"] == 0 else [f"stage2_lam0.01_acc{kept['val_acc']:.2f}_omega{kept['val_omega']:.4f}.pt"]
     assert [p.name for p in tmp_path.glob("stage2_*.pt")] == want  # the kept network only, under the paper's name
+    assert {q["batchnorm"] for q in table["points"]} == {"stage 1"}   # frozen statistics: the profile's default
+
+
+def test_tune_with_batchnorm_following_the_scale_stores_each_points_statistics(quick_run, capsys, tmp_path):
+    from annsnn.train import load_point
+
+    out, _ = quick_run
+    assert main(["tune", "--checkpoint", str(out / "stage1.pt"), "--lam", "0.05", "--epochs", "1", "--tol", "100",
+                 "--batchnorm", "follow", "--out", str(tmp_path), "--quiet"]) == 0
+    table = json.loads((tmp_path / "stage2_points.json").read_text())
+    later = [q for q in table["points"] if q["step"] > 0]
+    assert later and all(q["batchnorm"] == "re-estimated" for q in later)
+    assert (tmp_path / "stage2_points_batchnorm.pt").is_file()
+    net, point = load_point(tmp_path / "stage2_points.json", later[-1]["name"])
+    stage1 = torch.load(out / "stage1.pt", weights_only=True)["model"]
+    means = [k for k in stage1 if k.endswith("running_mean")]
+    assert means and all(not torch.equal(net.state_dict()[k], stage1[k]) for k in means)   # re-estimated
+    _fails(capsys, ["tune", "--checkpoint", str(out / "stage1.pt"), "--batchnorm", "train"],
+           "argument --batchnorm: invalid choice")
 
 
 def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
