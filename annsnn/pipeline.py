@@ -32,14 +32,14 @@ from .utils import folder_lock, load_checkpoint, save_checkpoint, write_json
 PROFILES: dict[str, dict] = {
     "quick": {
         "dataset": "digits", "model": "small_cnn", "val_fraction": 0.2,
-        "stage1": {"epochs": 30, "batch_size": 64, "lr": 0.05, "aug": {"pad": 1, "flip": False}, "seed": 0},
+        "stage1": {"p": 0.95, "epochs": 30, "batch_size": 64, "lr": 0.05, "aug": {"pad": 1, "flip": False}, "seed": 0},
         "stage2": {"epochs": 4, "batch_size": 128, "lr": 0.5, "tol": 1.5, "seed": 0},
         "lams": [0.005, 0.01, 0.02, 0.05],
         "T": 128, "sim_batch": 512, "chunk": 16, "robust_percentile": 99.9, "targets": [90.0, 95.0],
     },
     "medium": {
         "dataset": "cifar10", "model": "vgg8", "val_fraction": 0.1,
-        "stage1": {"epochs": 24, "batch_size": 128, "lr": 0.1, "aug": {"pad": 4, "flip": True},
+        "stage1": {"p": 0.95, "epochs": 24, "batch_size": 128, "lr": 0.1, "aug": {"pad": 4, "flip": True},
                    "amp": True, "channels_last": True, "seed": 0},
         "stage2": {"epochs": 1, "batch_size": 256, "lr": 0.5, "tol": 0.5, "seed": 0},
         "lams": [0.01, 0.02, 0.05],
@@ -48,7 +48,7 @@ PROFILES: dict[str, dict] = {
     },
     "full": {
         "dataset": "cifar10", "model": "vgg16", "val_fraction": 0.1,
-        "stage1": {"epochs": 100, "batch_size": 256, "lr": 0.1, "aug": {"pad": 4, "flip": True},
+        "stage1": {"p": 0.95, "epochs": 100, "batch_size": 256, "lr": 0.1, "aug": {"pad": 4, "flip": True},
                    "amp": True, "channels_last": True, "checkpoint_every": 10, "seed": 0},
         "stage2": {"epochs": 2, "batch_size": 256, "lr": 0.5, "tol": 0.5, "seed": 0},
         "lams": [0.01, 0.02, 0.05],
@@ -193,11 +193,12 @@ def _run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool, device, pro
         check_compatible(payload, data, done)
         check_settings(payload, settings, done)
         return model, payload["metrics"]
-    config = {"model": model_config(prof["model"], data), "rnl": rnl, "dataset": data.info,
-              "profile": prof["profile"], "val_fraction": prof["val_fraction"], "settings": settings}
-    torch.manual_seed(prof["stage1"].get("seed", 0))
-    model = model_from_config(config["model"], rnl=rnl).to(device)
     cfg = Stage1Config(**prof["stage1"])
+    cfg.check()
+    config = {"model": model_config(prof["model"], data, p=cfg.p), "rnl": rnl, "dataset": data.info,
+              "profile": prof["profile"], "val_fraction": prof["val_fraction"], "settings": settings}
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(config["model"], rnl=rnl).to(device)
     metrics = train_stage1(model, data, cfg, out_dir=out_dir, config=config, resume=True, device=device,
                            progress=progress)
     return model, metrics

@@ -57,10 +57,15 @@ class Stage1Config:
     amp: bool = False            # mixed precision on a GPU, in the type that fits it (utils.mixed_precision)
     channels_last: bool = False  # channels-last memory format (faster convolutions on GPUs and recent CPUs)
     compile: bool = False        # torch.compile the training step's forward
+    # the shared threshold scale the network is built with (stage 1 keeps it; stage 2 starts from it); read
+    # by annsnn.pipeline.run_stage1 when it builds a profile's network, and recorded with the checkpoint
+    p: float = 0.95
 
     def check(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.checkpoint_every <= 0:
             raise ValueError("epochs, batch size, learning rate and checkpoint interval must be positive")
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"the stage-1 threshold scale p must lie strictly between 0 and 1, got {self.p}")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
 

@@ -260,3 +260,17 @@ def test_stage1_breaks_accuracy_ties_with_the_validation_loss(digits, monkeypatc
     result = train_stage1(_model(digits), _small(digits, 128), Stage1Config(**{**CFG, "epochs": 4}))
     assert result["best"] == {"acc": 95.0, "loss": 0.2, "epoch": 3}
     assert [h["val_loss"] for h in result["history"]] == [0.5, 0.3, 0.2, 0.25]
+
+
+def test_the_stage1_threshold_scale_is_a_setting_the_network_is_built_with(digits, tmp_path):
+    from annsnn.pipeline import get_profile, run_stage1
+    from annsnn.data import Dataset
+
+    data = Dataset(digits.name, digits.train.subset(128), digits.val.subset(64), digits.test.subset(64),
+                   digits.classes, digits.mean, digits.std, {"name": "digits"})
+    prof = get_profile("quick", stage1={"p": 0.5, "epochs": 1})
+    model, _ = run_stage1(data, prof, tmp_path, progress=False)
+    assert [round(float(q.detach().sigmoid()), 6) for q in scale_parameters(model)] == [0.5]
+    assert load_model(tmp_path / "stage1.pt")[1]["config"]["model"]["p"] == 0.5
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        Stage1Config(p=1.0).check()
