@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -37,8 +38,22 @@ def _non_negative(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):   # float() reads "nan" and "inf" as numbers
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be non-negative, got {value:g}")
+    return value
+
+
+# The most time steps a simulation may ask for: the paper's curves end at 256, and memory and time grow
+# with T (a mistyped 1000000000 would run for days).
+MAX_T = 10_000
+
+
+def _time_steps(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_T:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_T} time steps, got {value}")
     return value
 
 
@@ -101,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="convert a checkpoint to IF neurons and simulate it")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--T", type=_positive_int, default=128, help="number of time steps (default 128)")
+    p.add_argument("--T", type=_time_steps, default=128, help=f"number of time steps (default 128, at most {MAX_T})")
     p.add_argument("--v0", choices=("zero", "half"), default="zero", help="initial membrane: 0 or theta/2")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--batch-size", type=_positive_int, default=256)
@@ -118,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILES, default="quick")
     p.add_argument("--out", help="output folder (default: runs/<profile>)")
     p.add_argument("--epochs", type=_positive_int, help="override the stage-1 epochs")
-    p.add_argument("--T", type=_positive_int, help="override the number of time steps")
+    p.add_argument("--T", type=_time_steps, help=f"override the number of time steps (at most {MAX_T})")
     p.add_argument("--limit", type=_positive_int, help="use only this many training and test images")
     p.add_argument("--val-fraction", type=_non_negative, help="share of the training set held out for validation")
     p.add_argument("--tol", type=_non_negative, help="stage-2 accuracy guard in percentage points of validation accuracy")

@@ -62,6 +62,8 @@ class Stage1Config:
     p: float = 0.95
 
     def check(self) -> None:
+        if not all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay, self.p)):
+            raise ValueError("the learning rate, momentum, weight decay and p must be finite numbers")
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.checkpoint_every <= 0:
             raise ValueError("epochs, batch size, learning rate and checkpoint interval must be positive")
         if not 0.0 < self.p < 1.0:
@@ -86,6 +88,9 @@ class Stage2Config:
     bn_images: int = 2000
 
     def check(self) -> None:
+        if not all(math.isfinite(v) for v in (self.lam, self.tol, self.lr)):
+            raise ValueError(f"lambda, tolerance and learning rate must be finite numbers, got {self.lam}, "
+                             f"{self.tol} and {self.lr}")
         if self.lam < 0:
             raise ValueError(f"lambda must be non-negative, got {self.lam}")
         if self.tol < 0:
@@ -565,6 +570,8 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     if out_dir is not None and base_checkpoint is None:
         raise ValueError("train_stage2 with out_dir needs base_checkpoint, the stage-1 checkpoint the model came "
                          "from, so that every recorded point can be rebuilt")
+    if out_dir is not None:   # refused before any work, and before anything is written
+        _check_table(Path(out_dir) / "stage2_points.json", sha256_of(base_checkpoint))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     with _OnlyScaleTrains(model) as scales:
@@ -676,10 +683,7 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
     ref = {"path": os.path.relpath(base.resolve(), table.parent.resolve()), "sha256": sha256_of(base)}
     doc = {"stage1": ref, "points": [], "kept": {}, "chosen": None}
     if table.exists():
-        doc = json.loads(table.read_text())
-        if doc["stage1"]["sha256"] != ref["sha256"]:
-            raise ValueError(f"{table} records points of another stage-1 network ({doc['stage1']['path']}); "
-                             "choose another output folder")
+        doc = _check_table(table, ref["sha256"])
     states_path = batchnorm_table(table)
     states = _batchnorm_states(states_path) if states_path.exists() else {}
     for run in runs:
@@ -695,6 +699,18 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
         save_checkpoint(states_path, {"kind": "stage2_batchnorm", "config": {"table": table.name},
                                       "model": states})
     return write_json(table, doc)
+
+
+def _check_table(table: Path, stage1_sha256: str) -> dict | None:
+    """The points table at ``table`` (None if there is none yet); ValueError if it holds points of another
+    stage-1 network than the one with this SHA-256."""
+    if not table.exists():
+        return None
+    doc = json.loads(table.read_text())
+    if doc["stage1"]["sha256"] != stage1_sha256:
+        raise ValueError(f"{table} records points of another stage-1 network ({doc['stage1']['path']}); "
+                         "choose another output folder")
+    return doc
 
 
 def batchnorm_table(table: str | Path) -> Path:

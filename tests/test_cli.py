@@ -116,6 +116,13 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
     _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "0"], "argument --T: must be a positive integer, got 0")
     _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "-3"], "must be a positive integer")
     _fails(capsys, ["tune", "--checkpoint", ck, "--lam", "-0.1"], "argument --lam: must be non-negative")
+    for command, option in (("train", "--lr"), ("tune", "--lam"), ("tune", "--tol"), ("tune", "--lr"),
+                            ("reproduce", "--tol")):
+        for text in ("nan", "inf", "-inf", "Infinity"):   # float() reads all four as numbers
+            argv = [command, f"{option}={text}"] + (["--checkpoint", ck] if command == "tune" else [])
+            _fails(capsys, argv, f"argument {option}: must be a finite number, got {text!r}")
+    _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "1000000000"], "argument --T: must be at most 10000")
+    _fails(capsys, ["reproduce", "--T", "10001"], "argument --T: must be at most 10000 time steps, got 10001")
     _fails(capsys, ["train", "--model", "resnet50"], "argument --model: invalid choice")
     _fails(capsys, ["train", "--val-fraction", "0", "--out", str(tmp_path / "v")], "validation split is empty")
     assert not (tmp_path / "v").exists()

@@ -274,3 +274,31 @@ def test_the_stage1_threshold_scale_is_a_setting_the_network_is_built_with(digit
     assert load_model(tmp_path / "stage1.pt")[1]["config"]["model"]["p"] == 0.5
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         Stage1Config(p=1.0).check()
+
+
+@pytest.mark.parametrize("field", ["lam", "tol", "lr"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_stage2_refuses_a_setting_that_is_not_a_finite_number(field, value):
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        Stage2Config(**{field: value}).check()
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum", "weight_decay", "p"])
+def test_stage1_refuses_a_setting_that_is_not_a_finite_number(field):
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        Stage1Config(**{field: float("nan")}).check()
+
+
+def test_stage2_into_a_table_of_another_stage1_network_is_refused_before_anything_is_written(digits, tmp_path):
+    data = _small(digits, 256)
+    for name, seed in (("a", 0), ("b", 1)):
+        train_stage1(_model(digits, seed), data, Stage1Config(**{**CFG, "epochs": 1, "seed": seed}),
+                     out_dir=tmp_path / name, config={"model": model_config("small_cnn", digits)})
+    cfg = Stage2Config(lam=0.05, epochs=1, batch_size=64, tol=100.0, evals_per_epoch=2)
+    model_a, _ = load_model(tmp_path / "a" / "stage1.pt")
+    train_stage2(model_a, data, cfg, out_dir=tmp_path / "a", base_checkpoint=tmp_path / "a" / "stage1.pt")
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    model_b, _ = load_model(tmp_path / "b" / "stage1.pt")
+    with pytest.raises(ValueError, match="records points of another stage-1 network"):
+        train_stage2(model_b, data, cfg, out_dir=tmp_path / "a", base_checkpoint=tmp_path / "b" / "stage1.pt")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before   # no network of b left behind
