@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,21 @@ def _device(name: str | None):
     from .utils import device
 
     return distributed.local_device(device(name))
+
+
+def _writable_folder(folder: Path, what: str = "--out") -> None:
+    """Refuse, before any work, a folder that cannot be written: a file of that name, a folder without
+    write permission, or (for one to be made) a path whose nearest existing folder cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} is a file, not a folder; give a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {folder} lies under the file {existing}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder} cannot be written ({existing} is not writable); give another folder")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -161,6 +177,7 @@ def cmd_train(args) -> int:
     from .data import load_dataset
 
     out = Path(args.out or f"runs/{args.profile}") / ("relu" if args.relu else "")
+    _writable_folder(out)
     if (out / "stage1.pt").exists():
         if args.resume:
             _say(f"{out / 'stage1.pt'} is already complete")
@@ -198,6 +215,7 @@ def cmd_tune(args) -> int:
                                                        ("batch_size", args.batch_size), ("batchnorm", args.batchnorm))
                                    if v is not None}}
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    _writable_folder(out)
     for lam in lams:
         run = train_stage2(copy.deepcopy(model), data, Stage2Config(lam=lam, **stage2), out_dir=out,
                            config=payload["config"], device=dev, progress=not args.quiet,
@@ -223,6 +241,7 @@ def cmd_simulate(args) -> int:
         f"{Path(args.checkpoint).stem}_T{args.T}_{args.v0}.json")
     if out.exists():
         raise ValueError(f"{out} already exists; pass another --out (nothing was changed)")
+    _writable_folder(out.parent, f"--out {out}: its folder")
     dev = _device(args.device)
     model, payload = load_model(args.checkpoint, device=dev)
     if not payload["config"].get("rnl", True):
@@ -248,6 +267,7 @@ def cmd_reproduce(args) -> int:
     from .pipeline import reproduce
 
     out = Path(args.out or f"runs/{args.profile}")
+    _writable_folder(out)
     prof_overrides = {"T": args.T, "limit": args.limit, "val_fraction": args.val_fraction,
                       "stage1": {"epochs": args.epochs, "seed": args.seed},
                       "stage2": {"tol": args.tol, "seed": args.seed, "batchnorm": args.batchnorm}}
@@ -273,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"annsnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a full disk, a folder that went away: files already written are intact
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"annsnn {args.command}: error: could not write{where}: {e.strerror or e}; files written before "
+              "are intact: free space or choose another --out, then rerun (training resumes with --resume)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"annsnn {args.command}: interrupted; checkpoints are intact, rerun with --resume", file=sys.stderr)

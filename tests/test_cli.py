@@ -122,6 +122,14 @@ def test_bad_arguments_exit_2_with_one_line(capsys, tmp_path, quick_run):
             argv = [command, f"{option}={text}"] + (["--checkpoint", ck] if command == "tune" else [])
             _fails(capsys, argv, f"argument {option}: must be a finite number, got {text!r}")
     _fails(capsys, ["simulate", "--checkpoint", ck, "--T", "1000000000"], "argument --T: must be at most 10000")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for argv in (["train", "--out", str(a_file)], ["reproduce", "--out", str(a_file)],
+                 ["tune", "--checkpoint", ck, "--out", str(a_file)]):
+        _fails(capsys, argv, f"--out {a_file} is a file, not a folder")   # before the first epoch
+    _fails(capsys, ["train", "--out", str(a_file / "run")], f"lies under the file {a_file}")
+    _fails(capsys, ["simulate", "--checkpoint", ck, "--out", str(a_file / "curve.json")], "its folder")
+    assert a_file.read_text() == "not a folder"
     _fails(capsys, ["reproduce", "--T", "10001"], "argument --T: must be at most 10000 time steps, got 10001")
     _fails(capsys, ["train", "--model", "resnet50"], "argument --model: invalid choice")
     _fails(capsys, ["train", "--val-fraction", "0", "--out", str(tmp_path / "v")], "validation split is empty")
@@ -203,3 +211,12 @@ def test_reproduce_trains_through_prepare(monkeypatch):
     monkeypatch.setattr(annsnn.pipeline, "prepare", fake_prepare)
     with pytest.raises(Called):
         annsnn.pipeline.reproduce("quick", "unused", limit=10)
+
+
+def test_an_out_folder_without_write_permission_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    # os.access says what the process may do (root may write anywhere, so the answer is simulated here)
+    import annsnn.cli
+
+    monkeypatch.setattr(annsnn.cli.os, "access", lambda path, mode: False)
+    _fails(capsys, ["train", "--out", str(tmp_path / "new")], "is not writable")
+    assert not (tmp_path / "new").exists()
