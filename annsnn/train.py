@@ -358,6 +358,11 @@ class _Stage1Run:
         if differ:
             raise ValueError(f"{path} was started with other settings ({', '.join(differ)} differ); "
                              "continue it with the same settings, or choose another output folder")
+        was, now = saved.get("dataset") or {}, full_config.get("dataset") or {}
+        if any(k in was and k in now and was[k] != now[k] for k in ("name", "sha256")):   # which copy of the data
+            raise ValueError(f"{path} was started on other data ({was.get('source', was.get('name'))}, sha256 "
+                             f"{str(was.get('sha256', 'not recorded'))[:12]}); continue it on the same data, or "
+                             "choose another output folder")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

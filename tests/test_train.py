@@ -302,3 +302,32 @@ def test_stage2_into_a_table_of_another_stage1_network_is_refused_before_anythin
     with pytest.raises(ValueError, match="records points of another stage-1 network"):
         train_stage2(model_b, data, cfg, out_dir=tmp_path / "a", base_checkpoint=tmp_path / "b" / "stage1.pt")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before   # no network of b left behind
+
+
+def test_resuming_on_another_copy_of_the_data_is_refused(digits, tmp_path):
+    import numpy as np
+    from annsnn.data import load_dataset
+
+    copies = []
+    for name, shift in (("a.npz", 0), ("b.npz", 1)):   # the same shapes, other images
+        x = np.roll(digits.train.x.numpy()[:, 0], shift, axis=0)
+        y = digits.train.y.numpy()
+        np.savez(tmp_path / name, x_train=x[:300], y_train=y[:300], x_test=x[300:400], y_test=y[300:400])
+        copies.append(load_dataset("folder", tmp_path / name, val_fraction=0.2))
+    a, b = copies
+    assert a.info["sha256"] != b.info["sha256"]
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise Stop
+
+    cfg = Stage1Config(**{**CFG, "aug": {}})
+    torch.manual_seed(0)
+    model = build_model("small_cnn", **a.model_kwargs())
+    with pytest.raises(Stop):
+        train_stage1(model, a, cfg, out_dir=tmp_path / "run", config={"dataset": a.info}, on_epoch_end=stop_after_first)
+    with pytest.raises(ValueError, match="was started on other data"):
+        train_stage1(model, b, cfg, out_dir=tmp_path / "run", config={"dataset": b.info}, resume=True)
+    assert (tmp_path / "run" / "stage1_last.pt").exists() and not (tmp_path / "run" / "stage1.pt").exists()
+    train_stage1(model, a, cfg, out_dir=tmp_path / "run", config={"dataset": a.info}, resume=True)   # same data: goes on
+    assert (tmp_path / "run" / "stage1.pt").exists()
