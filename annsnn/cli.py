@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"annsnn {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:   # a full disk, a folder that went away: files already written are intact
+    except OSError as e:   # a full disk, a file that cannot be read or written: what was written is intact
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"annsnn {args.command}: error: could not write{where}: {e.strerror or e}; files written before "
-              "are intact: free space or choose another --out, then rerun (training resumes with --resume)",
+        print(f"annsnn {args.command}: error: {e.strerror or e}{where}; files written before are intact: fix "
+              "that (free space, another --out, the data's permissions), then rerun (training resumes with --resume)",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

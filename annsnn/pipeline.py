@@ -194,7 +194,6 @@ def _run_stage1(data: Dataset, prof: dict, out_dir: Path, rnl: bool, device, pro
         check_settings(payload, settings, done)
         return model, payload["metrics"]
     cfg = Stage1Config(**prof["stage1"])
-    cfg.check()
     config = {"model": model_config(prof["model"], data, p=cfg.p), "rnl": rnl, "dataset": data.info,
               "profile": prof["profile"], "val_fraction": prof["val_fraction"], "settings": settings}
     torch.manual_seed(cfg.seed)

@@ -475,31 +475,26 @@ def recalibrate_batchnorm(model: nn.Module, images: Split, batch_size: int = 256
     1/c, so the next convolution's output changes scale too, and statistics measured at stage 1's p
     no longer normalise it. Here each BatchNorm's statistics are reset and then averaged over the
     batches of ``images`` (in their order, no augmentation, every batch of the same size), with every
-    other module in evaluation mode and the RNL maxima locked. The same images in the same order give
-    the same statistics on the same machine. The model's modes and locks are restored.
+    other module in evaluation mode (so the RNL maxima stay where they are). The same images in the same
+    order give the same statistics on the same machine. The model's modes are restored.
     """
     layers = batchnorm_layers(model)
     if not layers:
         return
     device = torch.device(device) if device is not None else next(model.parameters()).device
     momenta = [m.momentum for m in layers]
-    locks = [(r, r.locked) for r in rnl_layers(model).values()]
-    batch_size = min(batch_size, len(images))
     with left_as_found(model):
         model.eval()
-        lock_max(model, True)
         for m in layers:
             m.reset_running_stats()
             m.momentum = None   # a cumulative average over the batches
             m.train()
         try:
-            for x, _ in batches(images, batch_size, device=device, drop_last=True):
+            for x, _ in batches(images, min(batch_size, len(images)), device=device, drop_last=True):
                 model(x)
         finally:
             for m, momentum in zip(layers, momenta):
                 m.momentum = momentum
-            for r, flag in locks:
-                r.locked = flag
 
 
 class _BatchStatistics:
@@ -558,8 +553,9 @@ def train_stage2(model: nn.Module, data: Dataset, cfg: Stage2Config, out_dir: st
     it follows the threshold scale: the steps normalise with each batch's statistics, and before every
     check of the guard the statistics are re-estimated at the current scale on ``cfg.bn_images``
     training images (:func:`recalibrate_batchnorm`; a fixed, seeded choice with every class equally
-    represented), so the network the guard measures, and the one kept, carries them. The guard measures validation accuracy and the network
-    Omega ``cfg.evals_per_epoch`` times per epoch. A check whose accuracy is within ``cfg.tol``
+    represented), so the network the guard measures, and the one kept, carries them.
+
+    The guard measures validation accuracy and the network Omega ``cfg.evals_per_epoch`` times per epoch. A check whose accuracy is within ``cfg.tol``
     percentage points of the stage-1 network's is an *accepted point*; the accepted point with the
     lowest Omega is *kept*, and ``model`` ends holding it (the stage-1 network itself if nothing
     better passed the guard), on ``device``, with its mode, locks and ``requires_grad`` flags as before.
@@ -692,14 +688,14 @@ def record_points(table: str | Path, base_checkpoint: str | Path, runs: list[dic
     states_path = batchnorm_table(table)
     states = _batchnorm_states(states_path) if states_path.exists() else {}
     for run in runs:
-        dropped = {q["name"] for q in doc["points"] if q["lam"] == run["lam"]}
-        states = {name: v for name, v in states.items() if name not in dropped}
         states.update(run.get("batchnorm_states", {}))
         doc["points"] = [q for q in doc["points"] if q["lam"] != run["lam"]]
         doc["points"] += [{"lam": run["lam"], **{k: v for k, v in e.items() if k != "loss"}} for e in run["points"]]
         doc["kept"][f"{run['lam']:g}"] = run["kept"]["name"]
     if chosen is not None:
         doc["chosen"] = chosen
+    names = {q["name"] for q in doc["points"]}
+    states = {name: v for name, v in states.items() if name in names}   # those of replaced points go
     if states:
         save_checkpoint(states_path, {"kind": "stage2_batchnorm", "config": {"table": table.name},
                                       "model": states})

@@ -142,13 +142,8 @@ def execute(path: Path, cell_timeout: int = 600, chapter_timeout: int = 1200):
 
 
 def default_jobs() -> int:
-    """How many chapters to execute at once: one per CPU core, at most ``MAX_JOBS``.
-
-    Every chapter runs its tensors on one CPU thread (``annsnn.chapter``), so two chapters on two cores
-    take about half the time of one after the other. Chapters that need the same trained networks do not
-    train them twice: the first trains them, the others wait for it (``annsnn.utils.folder_lock``). The
-    cap keeps the memory of the kernels (up to about 1 GB each) small on machines with many cores.
-    """
+    """How many chapters to execute at once (see the top of this file): one per CPU core, at most
+    ``MAX_JOBS``, which keeps the kernels' memory (up to about 1 GB each) small on machines with many cores."""
     return max(1, min(MAX_JOBS, os.cpu_count() or 1))
 
 
@@ -175,10 +170,10 @@ def prepare_source() -> None:
     shutil.copytree(ROOT / "annsnn", SOURCE / "annsnn", ignore=skip)   # the appendix includes its source
 
 
-def _execute_one(i: int, path: Path, cell_timeout: int, args) -> str | None:
-    """Execute one chapter (printing when it starts and ends) and keep the executed copy for rendering;
-    return why it failed, or None."""
-    t0, name, of = time.monotonic(), _shown(path), f"[{i}/{args.total}]"
+def _execute_one(of: str, path: Path, cell_timeout: int, args) -> str | None:
+    """Execute one chapter (printing, after ``of``, when it starts and ends) and keep the executed copy for
+    rendering; return why it failed, or None."""
+    t0, name = time.monotonic(), _shown(path)
     print(f"{of} executing {name}", flush=True)
     try:
         nb = execute(path, cell_timeout, args.chapter_timeout)
@@ -225,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [ROOT / f"{f}.ipynb" for f in toc_files() if (ROOT / f"{f}.ipynb").exists()]
         render = not args.no_render
         prepare_source()
-    args.total = len(notebooks)
 
-    jobs = max(1, min(args.jobs, len(notebooks)))
+    jobs = min(args.jobs, len(notebooks))
     print(f"executing {len(notebooks)} notebooks, {jobs} at a time", flush=True)
     start = time.monotonic()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:   # each chapter runs in a kernel process of its own
-        outcomes = pool.map(lambda item: _execute_one(*item, cell_timeout, args), enumerate(notebooks, 1))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:   # each chapter runs in a kernel of its own
+        outcomes = pool.map(lambda item: _execute_one(f"[{item[0]}/{len(notebooks)}]", item[1], cell_timeout, args),
+                            enumerate(notebooks, 1))
         failures = [message for message in outcomes if message]
     print(f"executed {len(notebooks) - len(failures)} of {len(notebooks)} notebooks in {time.monotonic() - start:.0f} s")
     if failures:
